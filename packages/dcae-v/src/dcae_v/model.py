@@ -168,18 +168,21 @@ class DCAEV(nn.Module):
         z = self._check_latent(z)
         return tiling.decode(self, z, frames_per_tile, tile_size)
 
-    def encode_stream(self, frames: Iterable[torch.Tensor], tile_size: int | None = None) -> Iterator[torch.Tensor]:
-        """Consume video pieces [B, 3, t, H, W] (any t) and yield latent pieces, one chunk at a time.
-
-        Memory stays constant in the video length. The total frame count must be a multiple
-        of 4; `dcae_v.io` pads files for you.
-        """
+    def encode_stream(
+        self, frames: Iterable[torch.Tensor], frames_per_tile: int | None = None, tile_size: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Consume video pieces [B, 3, t, H, W] (any t) and yield latent pieces, one tile at a
+        time (default tile: one chunk). Memory stays constant in the video length; the total
+        frame count must be a multiple of 4 (`dcae_v.io.pad_to_multiple`)."""
         pieces = (self._check_video(f, allow_image=False, allow_any_length=True) for f in frames)
-        return tiling.encode_stream(self, pieces, tile_size)
+        return tiling.encode_stream(self, pieces, frames_per_tile, tile_size)
 
-    def decode_stream(self, latents: Iterable[torch.Tensor], tile_size: int | None = None) -> Iterator[torch.Tensor]:
-        """Consume latent pieces [B, c, t', H', W'] and yield frame pieces, one chunk at a time."""
-        return tiling.decode_stream(self, (self._check_latent(z) for z in latents), tile_size)
+    def decode_stream(
+        self, latents: Iterable[torch.Tensor], frames_per_tile: int | None = None, tile_size: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Consume latent pieces [B, c, t', H', W'] and yield frame pieces, one tile at a time
+        (frames_per_tile counts output frames)."""
+        return tiling.decode_stream(self, (self._check_latent(z) for z in latents), frames_per_tile, tile_size)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, frames_per_tile: int | None = None, tile_size: int | None = None) -> torch.Tensor:

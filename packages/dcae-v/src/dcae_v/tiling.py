@@ -39,27 +39,35 @@ def decode(model: "DCAEV", z: torch.Tensor, frames_per_tile: int | None, tile_si
     return torch.cat([tiler(piece) for piece in z.split(step, dim=2)], dim=2)
 
 
-def encode_stream(model: "DCAEV", pieces: Iterable[torch.Tensor], tile_size: int | None) -> Iterator[torch.Tensor]:
+def encode_stream(
+    model: "DCAEV", pieces: Iterable[torch.Tensor], frames_per_tile: int | None, tile_size: int | None
+) -> Iterator[torch.Tensor]:
     _require_streamable(model)
+    step = _temporal_step(model, None, frames_per_tile or model.config.chunk_size)
     f = model.spatial_compression
     tiler = _SpatialTiler(model.encoder, tile_size, f, 1 / f, stream=True)
-    for block in _rebatch(pieces, model.config.chunk_size, model.temporal_compression, "frames"):
+    for block in _rebatch(pieces, step, model.temporal_compression, "frames"):
         yield tiler(block)
 
 
-def decode_stream(model: "DCAEV", latents: Iterable[torch.Tensor], tile_size: int | None) -> Iterator[torch.Tensor]:
+def decode_stream(
+    model: "DCAEV", latents: Iterable[torch.Tensor], frames_per_tile: int | None, tile_size: int | None
+) -> Iterator[torch.Tensor]:
     _require_streamable(model)
+    tc = model.temporal_compression
+    step = _temporal_step(model, None, frames_per_tile or model.config.chunk_size) // tc
     f = model.spatial_compression
     if tile_size is not None and tile_size % f:
         raise InputError(f"decode tile_size is in output pixels and must be a multiple of {f}, got {tile_size}")
     tiler = _SpatialTiler(model.decoder, None if tile_size is None else tile_size // f, 1, f, stream=True)
-    for block in _rebatch(latents, model.config.latent_chunk_size, 1, "latent frames"):
+    for block in _rebatch(latents, step, 1, "latent frames"):
         yield tiler(block)
 
 
 # ---- temporal helpers ------------------------------------------------------------------------
-def _temporal_step(model: "DCAEV", frames: int, frames_per_tile: int | None) -> int:
-    if frames_per_tile is None or frames_per_tile >= frames:
+def _temporal_step(model: "DCAEV", frames: int | None, frames_per_tile: int | None) -> int:
+    """Validated tile length in frames; `frames` is the clip length (None for a stream)."""
+    if frames is not None and (frames_per_tile is None or frames_per_tile >= frames):
         return frames
     mode = model.config.temporal
     if mode == "non_causal":

@@ -1,0 +1,272 @@
+"""Loading and saving DC-AE-V weights in the two layouts users have on disk.
+
+* NVIDIA's release: a `torch.save` dict (`dc-ae-v-f32t4c32-1.0-bf16.pt`) holding
+  `ema_model_state_dict` = {ema_decay: state_dict} (the first entry is used, as NVIDIA's loader
+  does) or `model_state_dict`. Read with `torch.load(weights_only=True)` only.
+* Ours: a directory with `config.json` + `model.safetensors` (diffusers-style), or a bare
+  `.safetensors` file. Key names are the same in both layouts.
+
+Without a config the architecture is inferred from the keys and shapes. The model is built on
+the meta device and filled with `load_state_dict(..., assign=True)`: no double allocation, no
+leftover key accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dcae_v.__about__ import __version__
+from dcae_v.config import PRESETS, DCAEVConfig, get_preset
+from dcae_v.errors import CheckpointError
+from dcae_v.model import DCAEV
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "dcae-v-tiny-default"
+_TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+_RUNTIME_FIELDS = ("temporal", "chunk_size", "scaling_factor")  # do not change keys or shapes
+
+
+def load_dcaev(
+    path: str | os.PathLike | None = None,
+    *,
+    preset: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> DCAEV:
+    """Load a DC-AE-V checkpoint (see module docstring for the layouts).
+
+    path: None for the embedded default; a `.pt`/`.pth`, a `.safetensors` file, or a directory.
+    preset: architecture to expect (e.g. "f32t4c32"); by default taken from config.json or
+        inferred from the weights.
+    dtype: cast after loading (default: as stored, e.g. bf16 for NVIDIA's file).
+    overrides: runtime config fields (`temporal`, `chunk_size`, `scaling_factor`).
+    """
+    path = Path(path) if path is not None else _default_checkpoint()
+    bad = set(overrides) - set(_RUNTIME_FIELDS)
+    if bad:
+        raise CheckpointError(f"cannot override {sorted(bad)} when loading weights; allowed: {list(_RUNTIME_FIELDS)}")
+    state_dict, config, layout = read_checkpoint(path)
+    if preset is not None:
+        config = get_preset(preset).replace(**_runtime(config)) if config else get_preset(preset)
+    if config is None:
+        config = infer_config(state_dict)
+    config = config.replace(**overrides) if overrides else config
+    with torch.device("meta"):
+        model = DCAEV(config)
+    check_state_dict(model, state_dict, layout=layout, path=path)
+    model.load_state_dict(state_dict, assign=True, strict=True)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval()
+
+
+def _default_checkpoint() -> Path:
+    if not (DEFAULT_CHECKPOINT / WEIGHTS_NAME).is_file():
+        raise CheckpointError(
+            f"the embedded default checkpoint is missing from {DEFAULT_CHECKPOINT}; reinstall dcae-v "
+            f"or pass --checkpoint with NVIDIA's dc-ae-v-*.pt or a save_pretrained directory"
+        )
+    return DEFAULT_CHECKPOINT
+
+
+def _runtime(config: DCAEVConfig | None) -> dict[str, Any]:
+    return {} if config is None else {k: getattr(config, k) for k in _RUNTIME_FIELDS}
+
+
+# ---- reading -------------------------------------------------------------------------------
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], DCAEVConfig | None, str]:
+    """(state_dict, config or None, layout name) from any supported checkpoint path."""
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
+    if path.is_dir():
+        return _read_directory(path)
+    if path.suffix == ".safetensors":
+        config_file = path.parent / CONFIG_NAME
+        config = _read_config(config_file) if config_file.is_file() else None
+        return _read_safetensors(path), config, "safetensors file"
+    if path.suffix in _TORCH_SUFFIXES:
+        return _read_torch(path), None, "NVIDIA .pt"
+    raise CheckpointError(
+        f"{path}: unknown checkpoint type {path.suffix!r}; expected a .pt/.pth file (NVIDIA), "
+        f"a .safetensors file, or a directory with {CONFIG_NAME} + {WEIGHTS_NAME}"
+    )
+
+
+def _read_directory(path: Path) -> tuple[dict[str, torch.Tensor], DCAEVConfig, str]:
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).is_file()]
+    if missing:
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise CheckpointError(
+            f"{path} is not a DC-AE-V checkpoint directory: missing {', '.join(missing)} (found: {found or 'nothing'})"
+        )
+    return _read_safetensors(path / WEIGHTS_NAME), _read_config(path / CONFIG_NAME), "dcae-v directory"
+
+
+def _read_config(path: Path) -> DCAEVConfig:
+    try:
+        data = json.loads(path.read_text())
+        return DCAEVConfig.from_dict(data)
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a valid DC-AE-V config: {e}") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path} as safetensors ({e}); the file may be truncated or not safetensors") from None
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for corrupt/foreign pickles
+        raise CheckpointError(
+            f"cannot read {path} with torch.load(weights_only=True): {str(e).splitlines()[0]}. "
+            f"Only plain tensor checkpoints such as NVIDIA's dc-ae-v-*.pt are supported."
+        ) from None
+    return extract_state_dict(obj, path)
+
+
+def extract_state_dict(obj: Any, path: Path | str = "checkpoint") -> dict[str, torch.Tensor]:
+    """NVIDIA layout -> flat state dict: EMA weights first, then model weights, then a bare dict."""
+    if isinstance(obj, Mapping) and "ema_model_state_dict" in obj:
+        ema = obj["ema_model_state_dict"]
+        if not isinstance(ema, Mapping) or not ema:
+            raise CheckpointError(f"{path}: ema_model_state_dict is empty or not a dict")
+        sd = next(iter(ema.values()))  # {ema_decay: state_dict}; NVIDIA takes the first entry
+    elif isinstance(obj, Mapping) and "model_state_dict" in obj:
+        sd = obj["model_state_dict"]
+    else:
+        sd = obj
+    if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(
+            f"{path}: no state dict found (expected 'ema_model_state_dict' or 'model_state_dict' "
+            f"or a flat name->tensor dict; top level has {keys})"
+        )
+    return _strip_prefix(dict(sd))
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop a wrapper prefix (`module.`, `_orig_mod.`, `model.`) shared by every key."""
+    for prefix in ("module.", "_orig_mod.", "model."):
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+# ---- architecture inference and key checks -------------------------------------------------
+_STAGE_KEY = re.compile(r"^encoder\.stages\.(\d+)\.op_list\.(\d+)\.main\.conv1\.conv\.weight$")
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> DCAEVConfig:
+    """Architecture from key names and shapes; a known preset when one matches exactly."""
+    try:
+        depths_by_stage: dict[int, int] = {}
+        widths_by_stage: dict[int, int] = {}
+        for key, value in sd.items():
+            m = _STAGE_KEY.match(key)
+            if m:
+                stage, block = int(m[1]), int(m[2])
+                depths_by_stage[stage] = max(depths_by_stage.get(stage, 0), block + 1)
+                widths_by_stage[stage] = value.shape[0]
+        n = max(depths_by_stage) + 1
+        depths = tuple(depths_by_stage.get(i, 0) for i in range(n))
+        widths = tuple(widths_by_stage.get(i, widths_by_stage[min(widths_by_stage)]) for i in range(n))
+        latent = sd["encoder.project_out.conv.weight"].shape[0]
+        config = DCAEVConfig(latent_channels=latent, widths=widths, depths=depths)
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(
+            f"could not infer a DC-AE-V architecture from the checkpoint keys ({e}); "
+            f"{_best_preset_message(sd)}. Pass preset= explicitly."
+        ) from None
+    for name, preset in PRESETS.items():
+        if preset.latent_channels == latent and preset.depths == depths and _active(preset) == _active(config):
+            return preset
+    return config
+
+
+def _active(cfg: DCAEVConfig) -> tuple[int, ...]:
+    return tuple(cfg.widths[i] for i in cfg.active_stages)
+
+
+def expected_shapes(config: DCAEVConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in DCAEV(config).state_dict().items()}
+
+
+def check_state_dict(model: DCAEV, sd: Mapping[str, torch.Tensor], *, layout: str = "", path: Any = "") -> None:
+    """Raise a CheckpointError listing missing, unexpected and mis-shaped keys, with the best preset."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    misshaped = [f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    if not (missing or unexpected or misshaped):
+        return
+    parts = [f"checkpoint {path} ({layout}) does not fit DC-AE-V {model.config.name}:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = "\n    ".join(items[:8]) + (f"\n    ... and {len(items) - 8} more" if len(items) > 8 else "")
+            parts.append(f"  {len(items)} {title} key(s):\n    {shown}")
+    parts.append(f"  {_best_preset_message(sd)}")
+    raise CheckpointError("\n".join(parts))
+
+
+def _best_preset_message(sd: Mapping[str, torch.Tensor]) -> str:
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    scores = []
+    for name, preset in PRESETS.items():
+        exp = expected_shapes(preset)
+        hits = sum(1 for k, s in exp.items() if shapes.get(k) == s)
+        scores.append((hits / max(len(exp), len(shapes)), name, hits, len(exp)))
+    frac, name, hits, total = max(scores)
+    return f"closest preset: {name} ({hits}/{total} keys match in name and shape; the checkpoint has {len(shapes)} keys)"
+
+
+# ---- writing -------------------------------------------------------------------------------
+def save_pretrained(model: DCAEV, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+    """config.json + model.safetensors; each file written to a temp name then renamed."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": "pt", "dcae_v_version": __version__, "config": model.config.to_json()}
+    _atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(sd, tmp, metadata=meta))
+    config = model.config.to_dict() | {"_class_name": "DCAEV", "_library_version": __version__}
+    _atomic(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def save_nvidia_checkpoint(
+    path: str | os.PathLike,
+    model_state_dict: Mapping[str, torch.Tensor],
+    ema_state_dict: Mapping[str, torch.Tensor] | None = None,
+    ema_decay: float = 0.9999,
+) -> None:
+    """Write NVIDIA's `.pt` layout (loadable by their loader and by `load_dcaev`)."""
+    obj: dict[str, Any] = {"model_state_dict": dict(model_state_dict)}
+    if ema_state_dict is not None:
+        obj["ema_model_state_dict"] = {ema_decay: dict(ema_state_dict)}
+    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def _atomic(target: Path, write) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
