@@ -13,6 +13,7 @@ leftover key accepted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dcae_v.__about__ import __version__
@@ -93,7 +94,10 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], DCAEVConfig | 
         return _read_directory(path)
     if path.suffix == ".safetensors":
         config_file = path.parent / CONFIG_NAME
-        config = _read_config(config_file) if config_file.is_file() else None
+        if path.name == WEIGHTS_NAME and config_file.is_file():
+            config = _read_config(config_file)
+        else:
+            config = _config_from_metadata(path)
         return _read_safetensors(path), config, "safetensors file"
     if path.suffix in _TORCH_SUFFIXES:
         return _read_torch(path), None, "NVIDIA .pt"
@@ -119,6 +123,21 @@ def _read_config(path: Path) -> DCAEVConfig:
         return DCAEVConfig.from_dict(data)
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is not a valid DC-AE-V config: {e}") from None
+
+
+def _config_from_metadata(path: Path) -> DCAEVConfig | None:
+    """`save_pretrained` also stores the config in the weights file, so a copied file keeps it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("config")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path} as safetensors ({e}); the file may be truncated or not safetensors") from None
+    if not text:
+        return None
+    try:
+        return DCAEVConfig.from_dict(json.loads(text))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the config stored in its metadata is invalid: {e}") from None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -235,16 +254,39 @@ def _best_preset_message(sd: Mapping[str, torch.Tensor]) -> str:
     return f"closest preset: {name} ({hits}/{total} keys match in name and shape; the checkpoint has {len(shapes)} keys)"
 
 
+def describe_checkpoint(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Layout, architecture, parameter count and dtypes of a checkpoint, and whether it loads."""
+    path = Path(path) if path is not None else _default_checkpoint()
+    sd, config, layout = read_checkpoint(path)
+    config = config or infer_config(sd)
+    preset = next((n for n, p in PRESETS.items() if expected_shapes(p) == expected_shapes(config)), None)
+    with torch.device("meta"):
+        model = DCAEV(config)
+    try:
+        check_state_dict(model, sd, layout=layout, path=path)
+        fits = "yes: every key matches in name and shape"
+    except CheckpointError as e:
+        fits = str(e)
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()})
+    return {
+        "path": str(path), "layout": layout, "architecture": config.name, "preset": preset,
+        "parameters": sum(v.numel() for v in sd.values()), "keys": len(sd), "dtypes": dtypes,
+        "loads": fits, "config": config.to_dict(),
+    }
+
+
 # ---- writing -------------------------------------------------------------------------------
 def save_pretrained(model: DCAEV, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
-    """config.json + model.safetensors; each file written to a temp name then renamed."""
+    """config.json + model.safetensors: both are written to temp names first, then renamed, so an
+    interrupted save leaves the previous pair intact."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "dcae_v_version": __version__, "config": model.config.to_json()}
-    _atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(sd, tmp, metadata=meta))
     config = model.config.to_dict() | {"_class_name": "DCAEV", "_library_version": __version__}
-    _atomic(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    with _staged(directory / WEIGHTS_NAME) as weights_tmp, _staged(directory / CONFIG_NAME) as config_tmp:
+        save_file(sd, weights_tmp, metadata=meta)
+        Path(config_tmp).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def save_nvidia_checkpoint(
@@ -260,13 +302,24 @@ def save_nvidia_checkpoint(
     _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
-def _atomic(target: Path, write) -> None:
+@contextlib.contextmanager
+def _staged(target: Path):
+    """Yield a temp path next to `target`; on success it replaces `target`, on error it is removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        write(tmp)
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic(target: Path, write) -> None:
+    """Write `target` through `write(temp_path)` so readers never see a partial file."""
+    with _staged(target) as tmp:
+        write(tmp)

@@ -190,6 +190,9 @@ class DCAEV(nn.Module):
         model's multiples, then crops back. T == 1 returns one frame."""
         from dcae_v.io import crop_like, pad_to_multiple
 
+        _check_tensor(x, f"a video tensor [B, {self.config.in_channels}, T, H, W]")
+        if x.ndim != 5 or 0 in x.shape:
+            raise InputError(f"expected a non-empty video tensor [B, {self.config.in_channels}, T, H, W], got shape {tuple(x.shape)}")
         padded = pad_to_multiple(x, self.pad_multiples(x.shape[2]), self.spatial_compression)
         z = self.encode(padded, frames_per_tile, tile_size)
         return crop_like(self.decode(z, frames_per_tile, tile_size), x)
@@ -203,8 +206,7 @@ class DCAEV(nn.Module):
 
     # ---- input checks ----------------------------------------------------------------------
     def _check_video(self, x: torch.Tensor, allow_image: bool = True, allow_any_length: bool = False) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"expected a torch.Tensor video [B, 3, T, H, W], got {type(x).__name__}")
+        _check_tensor(x, f"a video tensor [B, {self.config.in_channels}, T, H, W]")
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
             raise InputError(
                 f"expected a video tensor [B, {self.config.in_channels}, T, H, W], got shape {tuple(x.shape)}"
@@ -218,21 +220,23 @@ class DCAEV(nn.Module):
                 f"frame size {h}x{w} is not a (non-zero) multiple of the spatial compression {f}; "
                 f"pad it (dcae_v.io.pad_to_multiple) or use reconstruct()"
             )
+        if t == 0:
+            raise InputError(f"the video has no frames (shape {tuple(x.shape)})")
         if t == 1 and allow_image:
             x = x.expand(-1, -1, self.temporal_compression, -1, -1)  # an image is a 4-frame still clip
-        elif t == 0 or (t % self.temporal_compression and not allow_any_length):
+        elif t % self.temporal_compression and not allow_any_length:
             raise InputError(
                 f"frame count {t} is not a multiple of {self.temporal_compression} (or 1 for an image); "
                 f"pad it (dcae_v.io.pad_to_multiple) or use reconstruct()"
             )
-        _check_finite(x, "input video")
+        _check_finite(x, "input video", "clean the input before encoding")
         return x.to(self.dtype)
 
     def _check_latent(self, z: torch.Tensor) -> torch.Tensor:
         c = self.config.latent_channels
-        if not isinstance(z, torch.Tensor) or z.ndim != 5:
-            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise InputError(f"expected a latent tensor [B, {c}, T, H, W], got {shape}")
+        _check_tensor(z, f"a latent tensor [B, {c}, T, H, W]")
+        if z.ndim != 5:
+            raise InputError(f"expected a latent tensor [B, {c}, T, H, W], got shape {tuple(z.shape)}")
         if z.shape[1] != c:
             raise InputError(
                 f"latent has {z.shape[1]} channels but this {self.config.name} model decodes {c}; "
@@ -240,11 +244,16 @@ class DCAEV(nn.Module):
             )
         if 0 in z.shape[2:]:
             raise InputError(f"latent has an empty dimension: shape {tuple(z.shape)}")
-        _check_finite(z, "latent")
+        _check_finite(z, "latent", "check the latents before decoding")
         return z.to(self.dtype)
 
 
-def _check_finite(x: torch.Tensor, what: str) -> None:
+def _check_tensor(x, expected: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"expected {expected} as a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_finite(x: torch.Tensor, what: str, advice: str) -> None:
     if not torch.isfinite(x).all():
         n = int((~torch.isfinite(x)).sum())
-        raise InputError(f"{what} contains {n} NaN/Inf value(s); clean the input before encoding")
+        raise InputError(f"{what} contains {n} NaN/Inf value(s); {advice}")

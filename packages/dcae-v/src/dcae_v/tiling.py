@@ -67,17 +67,19 @@ def decode_stream(
 # ---- temporal helpers ------------------------------------------------------------------------
 def _temporal_step(model: "DCAEV", frames: int | None, frames_per_tile: int | None) -> int:
     """Validated tile length in frames; `frames` is the clip length (None for a stream)."""
-    if frames is not None and (frames_per_tile is None or frames_per_tile >= frames):
+    if frames_per_tile is None:
         return frames
     mode = model.config.temporal
+    multiple = model.config.chunk_size if mode == "chunk_causal" else model.temporal_compression
+    if frames_per_tile <= 0 or (mode != "non_causal" and frames_per_tile % multiple):
+        raise InputError(f"frames_per_tile must be a positive multiple of {multiple} in {mode} mode, got {frames_per_tile}")
+    if frames is not None and frames_per_tile >= frames:
+        return frames
     if mode == "non_causal":
         raise InputError(
             "a non_causal DC-AE-V cannot be tiled in time without changing its output; "
             "leave frames_per_tile unset or use a chunk_causal/causal model"
         )
-    multiple = model.config.chunk_size if mode == "chunk_causal" else model.temporal_compression
-    if frames_per_tile <= 0 or frames_per_tile % multiple:
-        raise InputError(f"frames_per_tile must be a positive multiple of {multiple} in {mode} mode, got {frames_per_tile}")
     return frames_per_tile
 
 

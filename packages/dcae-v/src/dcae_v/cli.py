@@ -1,0 +1,205 @@
+"""`dcae-v`: compress, reconstruct and evaluate videos with DC-AE-V.
+
+Thin layer: parses arguments, calls `dcae_v.jobs`, turns typed errors into exit codes
+(0 ok, 2 usage, 3 bad input, 4 checkpoint problem, 5 out of memory, 130 interrupted;
+an unexpected bug keeps Python's traceback and exit code 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dcae_v.__about__ import __version__
+from dcae_v.errors import CheckpointError, InputError
+
+DEMO_CLIP = Path(__file__).parent / "assets" / "demo.mp4"
+EXIT_INPUT, EXIT_CHECKPOINT, EXIT_OOM, EXIT_INTERRUPT = 3, 4, 5, 130
+
+
+def _model_options(p: argparse.ArgumentParser, tiles: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", help="NVIDIA dc-ae-v-*.pt, a .safetensors file or a save_pretrained directory "
+                   "(default: the small checkpoint shipped with dcae-v)")
+    g.add_argument("--preset", help="architecture the checkpoint must have, e.g. f32t4c32 (default: read from it)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    if tiles:
+        g.add_argument("--frames-per-tile", type=int, help="frames per temporal tile, a multiple of the chunk size "
+                       "(equal to one shot up to float rounding; default: one chunk when streaming files)")
+        g.add_argument("--tile-size", type=int, help="spatial tile size in pixels (blended overlap) for large frames")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcae-v", description="DC-AE-V deep-compression video autoencoder.")
+    parser.add_argument("--version", action="version", version=f"dcae-v {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("reconstruct", help="encode + decode a video or image, write it, print PSNR/SSIM")
+    p.add_argument("input", nargs="?", help=f"video or image (default: the bundled demo clip {DEMO_CLIP.name})")
+    p.add_argument("-o", "--output", required=True, help="output video (.mp4; .mkv with --lossless)")
+    p.add_argument("--lossless", action="store_true", help="bit-exact RGB (FFV1 in .mkv) instead of h264 crf 18")
+    p.add_argument("--max-frames", type=int, help="only the first N frames")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _model_options(p)
+
+    p = sub.add_parser("encode", help="video -> latent .safetensors")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True, help="latent file (.safetensors)")
+    p.add_argument("--max-frames", type=int)
+    _model_options(p)
+
+    p = sub.add_parser("decode", help="latent .safetensors -> video")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--lossless", action="store_true")
+    p.add_argument("--fps", type=float, help="frame rate (default: the source's, stored in the latent file)")
+    _model_options(p)
+
+    p = sub.add_parser("eval", help="paper protocol on a folder of videos (80 x 256 x 256 clips), table + JSON")
+    p.add_argument("directory")
+    p.add_argument("--frames", type=int, default=80)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--max-clips", type=int)
+    p.add_argument("--json", dest="json_path", default="-", help="write the JSON here (default: stdout after the table)")
+    p.add_argument("--lpips-backbone", help="torchvision AlexNet weights (alexnet-owt-7be5be79.pth)")
+    p.add_argument("--lpips-heads", help="LPIPS linear heads (lpips weights/v0.1/alex.pth)")
+    p.add_argument("--i3d", help="I3D TorchScript detector for FVD (i3d_torchscript.pt)")
+    _model_options(p)
+
+    p = sub.add_parser("info", help="describe a checkpoint (layout, preset, parameters, dtype)")
+    p.add_argument("checkpoint", nargs="?", help="default: the shipped checkpoint")
+    return parser
+
+
+def _device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name} was asked for but torch sees no CUDA device; use --device cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    return device, dtype
+
+
+def _load(args):
+    from dcae_v.checkpoint import load_dcaev
+
+    device, dtype = _device_and_dtype(args)
+    model = load_dcaev(args.checkpoint, preset=args.preset, device=device, dtype=dtype)
+    source = args.checkpoint or "embedded default"
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    c = model.config
+    print(f"model: {c.name} ({source}), {c.temporal} chunk {c.chunk_size}, {params:.1f}M params, "
+          f"{device} {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    return model
+
+
+def _tiles(args) -> dict:
+    return {"frames_per_tile": args.frames_per_tile, "tile_size": args.tile_size}
+
+
+def cmd_reconstruct(args) -> int:
+    from dcae_v.jobs import reconstruct_file
+
+    src = args.input
+    if src is None:
+        src = DEMO_CLIP
+        print(f"no input given: reconstructing the bundled demo clip {DEMO_CLIP}", file=sys.stderr)
+    model = _load(args)
+    r = reconstruct_file(model, src, args.output, lossless=args.lossless, max_frames=args.max_frames, progress=None, **_tiles(args))
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=2))
+    else:
+        print(f"wrote {r.output}: {r.frames} frames {r.width}x{r.height} @ {r.fps:g} fps in {r.seconds:.1f} s")
+        print(f"PSNR {r.psnr:.2f} dB  SSIM {r.ssim:.4f}")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from dcae_v.jobs import encode_file
+
+    r = encode_file(_load(args), args.input, args.output, max_frames=args.max_frames, progress=None, **_tiles(args))
+    print(f"wrote {r.output}: latent of {r.frames} frames {r.width}x{r.height} in {r.seconds:.1f} s")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    from dcae_v.jobs import decode_file
+
+    r = decode_file(_load(args), args.input, args.output, lossless=args.lossless, fps=args.fps, progress=None, **_tiles(args))
+    print(f"wrote {r.output}: {r.frames} frames {r.width}x{r.height} @ {r.fps:g} fps in {r.seconds:.1f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from dcae_v.jobs import evaluate_dir, format_table
+    from dcae_v.metrics import FVD, LPIPS
+
+    if bool(args.lpips_backbone) != bool(args.lpips_heads):
+        raise InputError("LPIPS needs both --lpips-backbone and --lpips-heads")
+    lpips = LPIPS.from_weights(args.lpips_backbone, args.lpips_heads) if args.lpips_backbone else None
+    fvd = FVD.from_weights(args.i3d) if args.i3d else None
+    if lpips is None and fvd is None:
+        print("LPIPS and FVD are off: they need local weights (--lpips-backbone/--lpips-heads, --i3d)", file=sys.stderr)
+    model = _load(args)
+    result = evaluate_dir(model, args.directory, frames=args.frames, size=args.size, lpips=lpips, fvd=fvd,
+                          max_clips=args.max_clips, progress=None, **_tiles(args))
+    print(format_table(result))
+    text = json.dumps(result, indent=2)
+    if args.json_path == "-":
+        print(text)
+    else:
+        Path(args.json_path).write_text(text + "\n")
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from dcae_v.checkpoint import describe_checkpoint
+
+    print(json.dumps(describe_checkpoint(args.checkpoint), indent=2))
+    return 0
+
+
+COMMANDS = {"reconstruct": cmd_reconstruct, "encode": cmd_encode, "decode": cmd_decode, "eval": cmd_eval, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("frames_per_tile", "tile_size", "max_frames", "max_clips", "frames", "size"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            print(f"dcae-v: error: --{name.replace('_', '-')} must be positive, got {value}", file=sys.stderr)
+            return 2
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as e:
+        print(f"dcae-v: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except CheckpointError as e:
+        print(f"dcae-v: checkpoint error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
+    except torch.OutOfMemoryError:
+        print("dcae-v: out of memory: use --frames-per-tile (a chunk) and/or --tile-size (e.g. 512) to bound memory",
+              file=sys.stderr)
+        return EXIT_OOM
+    except KeyboardInterrupt:
+        print("dcae-v: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPT
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""The `dcvg-kernels` seam: which convolution runs, and that the model only convolves through it."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from dcae_v import DCAEV, kernels
+from dcae_v.blocks import TemporalConv3d
+from dcae_v.temporal import TemporalRule, conv3d_torch
+
+
+class _FakeCuda:
+    """Stands in for a CUDA tensor: select_conv only looks at `is_cuda`."""
+
+    is_cuda = True
+
+
+def _fake_kernel(*args, **kwargs):
+    raise AssertionError("the fake kernel is only selected, never run")
+
+
+@pytest.fixture
+def seam(monkeypatch):
+    """A clean kernel cache and environment; both are restored afterwards."""
+    monkeypatch.delenv("DCAE_V_KERNELS", raising=False)
+    kernels._triton_conv.cache_clear()
+    yield monkeypatch
+    kernels._triton_conv.cache_clear()  # runs before monkeypatch puts sys.modules back
+
+
+def _install(monkeypatch, **attrs) -> types.ModuleType:
+    module = types.ModuleType("dcvg_kernels")
+    for k, v in attrs.items():
+        setattr(module, k, v)
+    monkeypatch.setitem(sys.modules, "dcvg_kernels", module)
+    kernels._triton_conv.cache_clear()
+    return module
+
+
+def test_cpu_tensors_use_the_torch_reference(seam):
+    assert kernels.select_conv(torch.zeros(1)) is conv3d_torch
+    _install(seam, chunk_causal_conv3d=_fake_kernel)
+    assert kernels.kernel_available()
+    assert kernels.select_conv(torch.zeros(1, 2, 3, 4, 5)) is conv3d_torch  # installed, but not CUDA
+
+
+def test_cuda_inputs_go_to_the_kernel_when_installed(seam):
+    _install(seam, chunk_causal_conv3d=_fake_kernel)
+    assert kernels.select_conv(_FakeCuda()) is _fake_kernel
+
+
+def test_env_var_forces_torch(seam):
+    _install(seam, chunk_causal_conv3d=_fake_kernel)
+    seam.setenv("DCAE_V_KERNELS", "0")
+    assert kernels.select_conv(_FakeCuda()) is conv3d_torch
+    seam.setenv("DCAE_V_KERNELS", "1")
+    assert kernels.select_conv(_FakeCuda()) is _fake_kernel
+
+
+def test_package_without_the_kernel_falls_back(seam):
+    _install(seam)  # like today's dcvg-kernels skeleton: nothing exported
+    assert not kernels.kernel_available()
+    assert kernels.select_conv(_FakeCuda()) is conv3d_torch
+
+
+def test_package_that_fails_to_import_falls_back(seam):
+    seam.setitem(sys.modules, "dcvg_kernels", None)  # makes `import dcvg_kernels` raise ImportError
+    kernels._triton_conv.cache_clear()
+    assert not kernels.kernel_available()
+    assert kernels.select_conv(_FakeCuda()) is conv3d_torch
+
+
+def test_conv3d_passes_every_argument_to_the_selected_function(seam):
+    seen = []
+    x, w, b = torch.zeros(1, 2, 3, 4, 4), torch.zeros(5, 2, 3, 3, 3), torch.zeros(5)
+    rule, context = TemporalRule("chunk_causal", 4), torch.ones(1, 2, 1, 4, 4)
+    seam.setattr(kernels, "select_conv", lambda t: (lambda *a: seen.append(a) or "out"))
+    assert kernels.conv3d(x, w, b, rule, context) == "out"
+    assert len(seen) == 1 and all(p is q for p, q in zip(seen[0], (x, w, b, rule, context)))
+
+
+def test_fakes_do_not_leak_into_later_tests():
+    """Runs after the tests above: the fixture cleared the cache, so the real package is seen again."""
+    import dcvg_kernels
+
+    assert sys.modules["dcvg_kernels"] is dcvg_kernels and dcvg_kernels.__file__
+    assert kernels._triton_conv() is getattr(dcvg_kernels, "chunk_causal_conv3d", None)
+    assert kernels.select_conv(torch.zeros(1)) is conv3d_torch
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("frames_per_tile", [None, 8])
+def test_every_temporal_conv_goes_through_the_seam(seam, frames_per_tile):
+    torch.manual_seed(0)
+    model = DCAEV.from_preset("debug", chunk_size=8).eval()
+    x = torch.rand(1, 3, 16, 32, 32) * 2 - 1
+    reference = model.decode(model.encode(x, frames_per_tile), frames_per_tile)
+
+    convs = [m for m in model.modules() if isinstance(m, TemporalConv3d)]
+    forwards, routed = [], []
+    hooks = [m.register_forward_hook(lambda mod, args, out: forwards.append(mod)) for m in convs]
+    real = kernels.select_conv
+
+    def counting_select(t):
+        fn = real(t)
+
+        def counted(*args, **kwargs):
+            routed.append(args[0].shape)
+            return fn(*args, **kwargs)
+
+        return counted
+
+    seam.setattr(kernels, "select_conv", counting_select)
+    try:
+        y = model.decode(model.encode(x, frames_per_tile), frames_per_tile)
+    finally:
+        for h in hooks:
+            h.remove()
+    calls_per_conv = 1 if frames_per_tile is None else 16 // frames_per_tile
+    assert len(forwards) == len(convs) * calls_per_conv
+    assert len(routed) == len(forwards)  # every TemporalConv3d call went through select_conv
+    assert torch.equal(y, reference)
+
+
+@torch.no_grad()
+def test_model_output_comes_from_the_selected_function(seam):
+    torch.manual_seed(0)
+    model = DCAEV.from_preset("debug", chunk_size=8).eval()
+    x = torch.rand(1, 3, 8, 32, 32) * 2 - 1
+    baseline = model.encode(x)
+    seam.setattr(kernels, "select_conv", lambda t: (lambda *a: conv3d_torch(*a) * 0))
+    z = model.encode(x)
+    assert not torch.allclose(z, baseline)
+    # with every conv zeroed, only the biases/norms' constant path is left: the latent is constant
+    assert torch.equal(z, torch.zeros_like(z))

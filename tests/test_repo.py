@@ -1,0 +1,75 @@
+"""The monorepo's contracts: one version source per package, hatch builds, console scripts,
+and dependencies that point one way (dcvg-kernels <- dcae-v <- dcvg-wan; ae-adapt never Wan)."""
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"dcvg-kernels": "dcvg_kernels", "dcae-v": "dcae_v", "ae-adapt": "ae_adapt", "dcvg-wan": "dcvg_wan"}
+
+
+def _project(name):
+    return tomllib.loads((ROOT / "packages" / name / "pyproject.toml").read_text())
+
+
+def _deps(name):
+    return {re.split(r"[<>=!\[ ;]", d)[0] for d in _project(name)["project"]["dependencies"]}
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_package_layout_and_single_version_source(name):
+    module = PACKAGES[name]
+    proj = _project(name)
+    assert proj["build-system"]["build-backend"] == "hatchling.build"
+    assert proj["project"]["dynamic"] == ["version"]
+    about = ROOT / "packages" / name / proj["tool"]["hatch"]["version"]["path"]
+    assert about == ROOT / "packages" / name / "src" / module / "__about__.py"
+    assert (ROOT / "packages" / name / "README.md").is_file()
+    version = re.search(r'__version__ = "([^"]+)"', about.read_text())[1]
+    assert __import__(module).__version__ == version
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PACKAGES)
+def test_hatch_version_works_per_package(name):
+    hatch = shutil.which("hatch")
+    assert hatch, "hatch is a test dependency (tests/requirements.txt)"
+    out = subprocess.run([hatch, "version"], cwd=ROOT / "packages" / name, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == __import__(PACKAGES[name]).__version__
+
+
+def test_dependencies_point_one_way():
+    assert _deps("dcvg-kernels") == {"torch"}
+    assert _deps("dcae-v") <= {"torch", "einops", "safetensors", "av", "numpy", "tqdm"}
+    assert _project("dcae-v")["project"]["optional-dependencies"]["kernels"] == ["dcvg-kernels"]
+    assert not _deps("ae-adapt") & {"dcvg-wan", "dcae-v", "transformers"}
+    assert {"dcae-v", "ae-adapt", "dcvg-kernels"} <= _deps("dcvg-wan")
+
+
+@pytest.mark.parametrize("script", ["dcae-v", "ae-adapt", "dcvg-wan"])
+def test_console_scripts_answer_help(script):
+    path = shutil.which(script) or str(Path(sys.executable).parent / script)
+    out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage:" in out.stdout
+
+
+@pytest.mark.slow
+def test_dcae_v_wheel_ships_demo_clip_and_default_checkpoint(tmp_path):
+    hatch = shutil.which("hatch")
+    out = subprocess.run([hatch, "build", "-t", "wheel", str(tmp_path)], cwd=ROOT / "packages/dcae-v",
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    wheel = next(tmp_path.glob("dcae_v-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for needed in ("dcae_v/assets/demo.mp4", "dcae_v/assets/dcae-v-tiny-default/model.safetensors",
+                   "dcae_v/assets/dcae-v-tiny-default/config.json", "dcae_v/cli.py"):
+        assert needed in names
+    assert wheel.stat().st_size < 25 * 2**20
