@@ -22,20 +22,10 @@ RELEASED = ["f32t4c32", "f32t4c64", "f32t4c128", "f32t4c256", "f64t4c128"]
 MANIFESTS = Path(__file__).parent / "manifests"
 
 
-def _model(seed: int = 0, **overrides) -> DCAEV:
-    torch.manual_seed(seed)
-    return DCAEV.from_preset("debug", **({"chunk_size": 8} | overrides)).eval()
-
-
 @pytest.fixture(scope="module")
-def model() -> DCAEV:
-    return _model()
-
-
-@pytest.fixture(scope="module")
-def other() -> DCAEV:
+def other(make_model) -> DCAEV:
     """Same architecture, different weights (to tell EMA from model weights)."""
-    return _model(seed=1)
+    return make_model(seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,6 @@ import dcae_v
 from dcae_v import DCAEV
 
 
-def _model(seed: int = 0, **overrides) -> DCAEV:
-    torch.manual_seed(seed)
-    return DCAEV.from_preset("debug", **({"chunk_size": 8} | overrides)).eval()
-
-
-@pytest.fixture(scope="module")
-def model() -> DCAEV:
-    return _model()
 
 
 def _video(*shape: int, seed: int = 1) -> torch.Tensor:
@@ -72,8 +64,8 @@ def test_reconstruct_equals_encode_decode_when_no_padding_is_needed(model):
 
 
 @torch.no_grad()
-def test_float64_model_accepts_float32_input():
-    m32, m64 = _model(), _model().to(torch.float64)
+def test_float64_model_accepts_float32_input(make_model):
+    m32, m64 = make_model(), make_model().to(torch.float64)
     x = _video(1, 3, 8, 32, 32)
     z = m64.encode(x)
     assert z.dtype == torch.float64
@@ -84,8 +76,8 @@ def test_float64_model_accepts_float32_input():
 
 
 @torch.no_grad()
-def test_bfloat16_model_accepts_float32_input():
-    m = _model().to(torch.bfloat16)
+def test_bfloat16_model_accepts_float32_input(make_model):
+    m = make_model().to(torch.bfloat16)
     z = m.encode(_video(1, 3, 4, 32, 32))
     assert z.dtype == torch.bfloat16 and torch.isfinite(z).all()
 

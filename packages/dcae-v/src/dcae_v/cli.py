@@ -124,7 +124,8 @@ def cmd_reconstruct(args) -> int:
         print(json.dumps(r.to_dict(), indent=2))
     else:
         print(f"wrote {r.output}: {r.frames} frames {r.width}x{r.height} @ {r.fps:g} fps in {r.seconds:.1f} s")
-        print(f"PSNR {r.psnr:.2f} dB  SSIM {r.ssim:.4f}")
+        ssim = "n/a (frames under 11 px)" if r.ssim != r.ssim else f"{r.ssim:.4f}"
+        print(f"PSNR {r.psnr:.2f} dB  SSIM {ssim}")
     return 0
 
 

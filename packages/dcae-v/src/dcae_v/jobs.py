@@ -50,6 +50,11 @@ class Report:
         return asdict(self)
 
 
+def _quiet(progress: bool | None) -> bool | None:
+    """tqdm's `disable`: progress=None lets tqdm decide (bars only on a terminal)."""
+    return None if progress is None else not progress
+
+
 def _streams(model: DCAEV) -> bool:
     return model.config.temporal != "non_causal"
 
@@ -93,14 +98,14 @@ def reconstruct_file(
     tile_size: int | None = None,
     lossless: bool = False,
     max_frames: int | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> Report:
     """Encode and decode a video or image file, write the result and measure PSNR/SSIM."""
     start = time.time()
     info = probe_video(src)
     height, width = info.height, info.width
     psnrs, ssims, written = [], [], 0
-    bar = tqdm(total=max_frames or info.frame_count, unit="frame", disable=not progress, desc="reconstruct")
+    bar = tqdm(total=max_frames or info.frame_count, unit="frame", disable=_quiet(progress), desc="reconstruct")
     with VideoWriter(dst, info.fps, lossless=lossless) as writer:
         for ref, rec in _reconstruct_pieces(model, src, frames_per_tile, tile_size, max_frames):
             rec = rec[:, :height, :width]
@@ -144,7 +149,7 @@ def encode_file(
     frames_per_tile: int | None = None,
     tile_size: int | None = None,
     max_frames: int | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> Report:
     """Video file -> `latent` tensor in a .safetensors file (unscaled, as `encode` returns it),
     with the facts needed to decode it back (size, frame count, fps, model) as metadata."""
@@ -160,7 +165,7 @@ def encode_file(
         step = frames_per_tile or model.config.chunk_size
         pieces = _model_pieces(model, iter_video(src, step, max_frames=max_frames), deque(maxlen=1), seen)
         stream = model.encode_stream(pieces, frames_per_tile, tile_size)
-        z = torch.cat(list(tqdm(stream, unit="tile", disable=not progress, desc="encode")), dim=2)
+        z = torch.cat(list(tqdm(stream, unit="tile", disable=_quiet(progress), desc="encode")), dim=2)
         frames = seen[0]
     meta = {
         "frames": frames, "height": info.height, "width": info.width, "fps": info.fps,
@@ -198,7 +203,7 @@ def decode_file(
     tile_size: int | None = None,
     lossless: bool = False,
     fps: float | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> Report:
     """Latent file from `encode_file` -> video, cropped back to the source's size and length."""
     start = time.time()
@@ -216,7 +221,7 @@ def decode_file(
         pieces = iter([model.decode(z, frames_per_tile, tile_size)])
     written = 0
     with VideoWriter(dst, fps, lossless=lossless) as writer:
-        for y in tqdm(pieces, unit="tile", disable=not progress, desc="decode"):
+        for y in tqdm(pieces, unit="tile", disable=_quiet(progress), desc="decode"):
             rec = to_uint8(y)[: max(0, frames - written), :height, :width]
             if rec.shape[0]:
                 writer.write(rec)
@@ -262,7 +267,7 @@ def evaluate_dir(
     lpips=None,
     fvd=None,
     max_clips: int | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> dict[str, Any]:
     """The paper's protocol: the first `frames` frames of each video, shorter side resized to
     `size` and centre-cropped to size x size, reconstructed, scored per frame on uint8."""
@@ -273,7 +278,7 @@ def evaluate_dir(
     if not files:
         raise InputError(f"no videos ({', '.join(sorted(VIDEO_SUFFIXES))}) found under {directory}")
     rows, skipped, reals, fakes = [], [], [], []
-    for path in tqdm(files, unit="clip", disable=not progress, desc="eval"):
+    for path in tqdm(files, unit="clip", disable=_quiet(progress), desc="eval"):
         try:
             video = read_video(path, max_frames=frames).frames
         except InputError as e:

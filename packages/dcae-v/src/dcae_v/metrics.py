@@ -56,18 +56,29 @@ def ssim(a, b, data_range: float | None = None) -> float:
 
 def _ssim(x: torch.Tensor, y: torch.Tensor, peak: float) -> torch.Tensor:
     c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
-    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
-    g = g / g.sum()
-    n, h, w, _ = x.shape
-
-    def blur(v: torch.Tensor) -> torch.Tensor:  # separable Gaussian, no padding: the 'valid' region
-        v = v.permute(0, 3, 1, 2).reshape(n * 3, 1, h, w)
-        return F.conv2d(F.conv2d(v, g.view(1, 1, 11, 1)), g.view(1, 1, 1, 11)).view(n, 3 * (h - 10) * (w - 10))
-
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    n = x.shape[0]
+    x, y = x.permute(0, 3, 1, 2).contiguous(), y.permute(0, 3, 1, 2).contiguous()  # [N, C, H, W]
+    mx, my = _blur(x), _blur(y)
+    vx, vy, cov = _blur(x * x) - mx * mx, _blur(y * y) - my * my, _blur(x * y) - mx * my
     s = (2 * mx * my + c1) * (2 * cov + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.mean(dim=1)
+    return s.reshape(n, -1).mean(dim=1)
+
+
+_GAUSS = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+_GAUSS = _GAUSS / _GAUSS.sum()
+
+
+def _blur(v: torch.Tensor) -> torch.Tensor:
+    """Separable 11-tap Gaussian on [N, C, H, W], 'valid' region only, as 11 shifted multiply-adds
+    per axis (float64 conv2d is very slow on CPU)."""
+    h, w = v.shape[2] - 10, v.shape[3] - 10
+    rows = v[:, :, :h] * _GAUSS[0]
+    for k in range(1, 11):
+        rows.add_(v[:, :, k : k + h], alpha=float(_GAUSS[k]))
+    out = rows[..., :w] * _GAUSS[0]
+    for k in range(1, 11):
+        out.add_(rows[..., k : k + w], alpha=float(_GAUSS[k]))
+    return out
 
 
 def _frames(v, name: str) -> torch.Tensor:
