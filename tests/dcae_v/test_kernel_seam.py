@@ -48,9 +48,23 @@ def test_cpu_tensors_use_the_torch_reference(seam):
     assert kernels.select_conv(torch.zeros(1, 2, 3, 4, 5)) is conv3d_torch  # installed, but not CUDA
 
 
+def _routes_to(fn, kernel) -> bool:
+    return getattr(fn, "args", None) == (kernel,)
+
+
 def test_cuda_inputs_go_to_the_kernel_when_installed(seam):
     _install(seam, chunk_causal_conv3d=_fake_kernel)
-    assert kernels.select_conv(_FakeCuda()) is _fake_kernel
+    assert _routes_to(kernels.select_conv(_FakeCuda()), _fake_kernel)
+
+
+def test_kernel_receives_plain_arguments(seam):
+    """dcvg-kernels is a leaf: it gets mode/chunk/context, never a dcae_v object."""
+    calls = []
+    _install(seam, chunk_causal_conv3d=lambda *a, **kw: calls.append((a, kw)) or "out")
+    x, w, b, ctx = _FakeCuda(), torch.zeros(2, 2, 3, 3, 3), torch.zeros(2), torch.zeros(1, 2, 1, 4, 4)
+    assert kernels.conv3d(x, w, b, TemporalRule("causal", 0), ctx) == "out"
+    (args, kw), = calls
+    assert args == (x, w, b) and kw == {"mode": "causal", "chunk": 0, "context": ctx}
 
 
 def test_env_var_forces_torch(seam):
@@ -58,7 +72,7 @@ def test_env_var_forces_torch(seam):
     seam.setenv("DCAE_V_KERNELS", "0")
     assert kernels.select_conv(_FakeCuda()) is conv3d_torch
     seam.setenv("DCAE_V_KERNELS", "1")
-    assert kernels.select_conv(_FakeCuda()) is _fake_kernel
+    assert _routes_to(kernels.select_conv(_FakeCuda()), _fake_kernel)
 
 
 def test_package_without_the_kernel_falls_back(seam):

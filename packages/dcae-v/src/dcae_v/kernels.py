@@ -1,8 +1,13 @@
 """The one seam where `dcvg-kernels` can replace the torch convolution path.
 
 With the `dcae-v[kernels]` extra installed and a CUDA input, temporal convolutions go through
-`dcvg_kernels.chunk_causal_conv3d` (same arguments as `temporal.conv3d_torch`). Everywhere
-else, and whenever that kernel is not available, the pure-torch path in `temporal.py` runs.
+
+    dcvg_kernels.chunk_causal_conv3d(x, weight, bias, *, mode, chunk, context)
+
+(`mode` in "chunk_causal" | "causal" | "non_causal", `chunk` the chunk length at that layer's
+frame rate, `context` the trailing input frames of the previous streaming call or None; the
+same contract as `temporal.conv3d_torch`, in plain arguments so that dcvg-kernels stays a leaf
+package). Everywhere else, and whenever that kernel is absent, the pure-torch path runs.
 Set DCAE_V_KERNELS=0 to force the torch path.
 """
 
@@ -33,12 +38,17 @@ def kernel_available() -> bool:
     return _triton_conv() is not None
 
 
+def _via_kernel(kernel: ConvFn, x, weight, bias, rule: TemporalRule, context=None) -> torch.Tensor:
+    return kernel(x, weight, bias, mode=rule.mode, chunk=rule.chunk, context=context)
+
+
 def select_conv(x: torch.Tensor) -> ConvFn:
-    """The convolution implementation for this input (Triton on CUDA when installed)."""
+    """The convolution for this input, called as fn(x, weight, bias, rule, context):
+    the Triton kernel on CUDA when installed, else the torch reference."""
     if x.is_cuda and os.environ.get("DCAE_V_KERNELS", "1") != "0":
-        fn = _triton_conv()
-        if fn is not None:
-            return fn
+        kernel = _triton_conv()
+        if kernel is not None:
+            return functools.partial(_via_kernel, kernel)
     return conv3d_torch
 
 
