@@ -26,7 +26,7 @@ def _fake_kernel(*args, **kwargs):
 @pytest.fixture
 def seam(monkeypatch):
     """A clean kernel cache and environment; both are restored afterwards."""
-    monkeypatch.delenv("DCAE_V_KERNELS", raising=False)
+    monkeypatch.setenv("DCAE_V_KERNELS", "1")  # opt-in while the kernel awaits GPU validation
     kernels._triton_conv.cache_clear()
     yield monkeypatch
     kernels._triton_conv.cache_clear()  # runs before monkeypatch puts sys.modules back
@@ -65,6 +65,12 @@ def test_kernel_receives_plain_arguments(seam):
     assert kernels.conv3d(x, w, b, TemporalRule("causal", 0), ctx) == "out"
     (args, kw), = calls
     assert args == (x, w, b) and kw == {"mode": "causal", "chunk": 0, "context": ctx}
+
+
+def test_kernel_is_opt_in_until_gpu_validated(seam):
+    _install(seam, chunk_causal_conv3d=_fake_kernel)
+    seam.delenv("DCAE_V_KERNELS")
+    assert kernels.select_conv(_FakeCuda()) is conv3d_torch
 
 
 def test_env_var_forces_torch(seam):

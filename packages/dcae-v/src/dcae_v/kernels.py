@@ -8,7 +8,10 @@ With the `dcae-v[kernels]` extra installed and a CUDA input, temporal convolutio
 frame rate, `context` the trailing input frames of the previous streaming call or None; the
 same contract as `temporal.conv3d_torch`, in plain arguments so that dcvg-kernels stays a leaf
 package). Everywhere else, and whenever that kernel is absent, the pure-torch path runs.
-Set DCAE_V_KERNELS=0 to force the torch path.
+
+Opt-in for now: set DCAE_V_KERNELS=1. The Triton kernel is tested against the reference in the
+Triton interpreter only; it becomes the CUDA default once it has been validated and timed on a
+GPU (dcvg-kernels README). DCAE_V_KERNELS=0 always forces the torch path.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from dcae_v.temporal import TemporalRule, conv3d_torch
 
 ConvFn = Callable[..., torch.Tensor]
+DEFAULT_ON_CUDA = "0"  # "1" once the Triton kernel is GPU-validated
 
 
 @functools.cache
@@ -45,7 +49,7 @@ def _via_kernel(kernel: ConvFn, x, weight, bias, rule: TemporalRule, context=Non
 def select_conv(x: torch.Tensor) -> ConvFn:
     """The convolution for this input, called as fn(x, weight, bias, rule, context):
     the Triton kernel on CUDA when installed, else the torch reference."""
-    if x.is_cuda and os.environ.get("DCAE_V_KERNELS", "1") != "0":
+    if x.is_cuda and os.environ.get("DCAE_V_KERNELS", DEFAULT_ON_CUDA) == "1":
         kernel = _triton_conv()
         if kernel is not None:
             return functools.partial(_via_kernel, kernel)

@@ -1,9 +1,11 @@
-"""Triton kernels for DC-VideoGen.
+"""Triton kernels for DC-VideoGen, each with a pure-torch reference and fallback.
 
-Skeleton only: the chunk-causal conv3d and fused attention kernels are tracked in the
-dcvg-kernels issue. Nothing is exported yet, so `dcae-v` keeps its pure-torch path.
+`chunk_causal_conv3d` is the conv that dcae-v's kernel seam looks for. Importing the package
+needs only torch: the Triton module is imported on the first Triton call.
 """
 
 from dcvg_kernels.__about__ import __version__
+from dcvg_kernels.ops import chunk_causal_conv3d
+from dcvg_kernels.reference import attention_reference, conv3d_reference
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "attention_reference", "chunk_causal_conv3d", "conv3d_reference"]

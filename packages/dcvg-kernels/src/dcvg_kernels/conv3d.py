@@ -1,0 +1,163 @@
+"""Triton forward kernel of the chunk-causal conv3d (kernels.md §3a), pointer path.
+
+Implicit GEMM over channels-last activations: rows are output positions (b, t, h, w), columns
+are Cout, the reduction runs over taps (static) x Cin (tiled by BLOCK_K). The temporal rule of
+`reference.py` is evaluated per tap and row in the kernel, and frames before the clip are read
+straight from the streaming context: no padded or concatenated copy of the input is made.
+Bias and an optional residual are added to the fp32 accumulator before the single store.
+
+Import this module only after TRITON_INTERPRET is settled: Triton reads it when the kernel is
+decorated (`ops` imports it lazily, on the first Triton call).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from dcvg_kernels.reference import check_conv3d_args, output_memory_format
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _conv3d_fwd(
+    x_ptr, ctx_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    M, T, H, W, Cin, Cout, CTX_N, CHUNK,
+    sxb, sxt, sxh, sxw,  # x strides in elements; channels are contiguous (stride 1)
+    scb, sct, sch, scw,  # context strides; channels contiguous
+    srb, src, srt, srh, srw,  # residual strides (any layout)
+    sob, soc, sot, soh, sow,  # output strides (any layout)
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SHIFT: tl.constexpr,  # tap i reads input frame t + i - SHIFT
+    CHUNKED: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter: multiply in fp32 (its bf16 arithmetic is wrong)
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # 1D grid, N tiles fastest: programs sharing an A tile run together, and the M tile count
+    # (up to ~3e5 at 720p) stays clear of the 65535 limit of grid axes 1 and 2.
+    num_n = tl.cdiv(Cout, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M passes 2^31 on video
+    row_ok = rows < M
+    w_o = rows % W
+    r = rows // W
+    h_o = r % H
+    r = r // H
+    t_o = r % T
+    b_o = r // T
+    if CHUNKED:
+        t_end = tl.minimum((t_o // CHUNK + 1) * CHUNK, T)  # first frame of the next chunk
+    else:
+        t_end = T
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < Cout
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    for i in tl.static_range(KT):
+        s = t_o + (i - SHIFT)  # input frame of this tap; < 0 means the context
+        t_ok = row_ok & (s < t_end) & (s >= -CTX_N)
+        for j in tl.static_range(KH):
+            hh = h_o + (j - KH // 2)
+            for l in tl.static_range(KW):
+                ww = w_o + (l - KW // 2)
+                ok = t_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                a_row = x_ptr + (b_o * sxb + s * sxt + hh * sxh + ww * sxw)
+                if HAS_CTX:
+                    if i < SHIFT:  # only taps reaching back can leave the clip
+                        c_row = ctx_ptr + (b_o * scb + (s + CTX_N) * sct + hh * sch + ww * scw)
+                        a_row = tl.where(s >= 0, a_row, c_row)
+                w_tap = ((i * KH + j) * KW + l) * Cin
+                for k0 in range(0, Cin, BLOCK_K):
+                    kk = k0 + ks
+                    k_ok = kk < Cin
+                    a = tl.load(a_row[:, None] + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+                    b = tl.load(w_ptr + (w_tap + kk)[:, None] * Cout + cols[None, :],
+                                mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    cols64 = cols.to(tl.int64)
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_RES:
+        r_off = (b_o * srb + t_o * srt + h_o * srh + w_o * srw)[:, None] + cols64[None, :] * src
+        acc += tl.load(res_ptr + r_off, mask=out_mask, other=0.0).to(tl.float32)
+    o_off = (b_o * sob + t_o * sot + h_o * soh + w_o * sow)[:, None] + cols64[None, :] * soc
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+INTERPRET = isinstance(_conv3d_fwd, InterpretedFunction)
+
+
+def _configs():
+    if INTERPRET:  # one config: the interpreter cannot benchmark, and small tiles test the masks
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16})]
+    # Starting points for H100 (kernels.md §3a); every config fits 232 KB of shared memory in fp32.
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    ]
+
+
+_conv3d_tuned = triton.autotune(configs=_configs(), key=["Cin", "Cout", "KT", "KH", "KW"])(_conv3d_fwd)
+
+
+def conv3d_triton(x, weight, bias, *, mode, chunk=0, context=None, residual=None) -> torch.Tensor:
+    """Forward of `reference.conv3d_reference` by the Triton kernel (CUDA, or CPU when interpreted).
+
+    NCDHW inputs are copied once to channels-last; pass channels_last_3d tensors to avoid it.
+    The output has the input's layout.
+    """
+    plan = check_conv3d_args(x, weight, bias, mode=mode, chunk=chunk, context=context, residual=residual)
+    if x.dtype not in DTYPES:
+        raise ValueError(f"the Triton conv3d supports {DTYPES}, got {x.dtype}; use the torch backend")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"the Triton conv3d runs on CUDA, or on CPU in the Triton interpreter; x is on {x.device} and "
+            "dcvg_kernels.conv3d was imported without TRITON_INTERPRET=1 (set it before the first Triton call)")
+    b, cin, t, h, w = x.shape
+    cout, _, kt, kh, kw = weight.shape
+    out = torch.empty((b, cout, t, h, w), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if out.numel() == 0:
+        return out
+
+    xl = x.contiguous(memory_format=torch.channels_last_3d)
+    # [kt, kh, kw, Cin, Cout]: the GEMM's B operand, K index = tap * Cin + c, Cout contiguous
+    wk = weight.permute(2, 3, 4, 1, 0).contiguous()
+    ctx = context.contiguous(memory_format=torch.channels_last_3d) if plan.use_context else xl
+    res = residual if residual is not None else out
+    for name, tensor in (("x", xl), ("context", ctx)):
+        if tensor.shape[1] > 1 and tensor.stride(1) != 1:
+            raise ValueError(f"{name} must be channels-last dense after conversion, strides {tensor.stride()}")
+
+    sx, sc = xl.stride(), ctx.stride()
+    precision = None  # 16-bit inputs: the dtype decides
+    if x.dtype == torch.float32:  # fp32 follows torch's conv policy: tf32 unless disabled
+        precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    grid = lambda meta: (triton.cdiv(out.numel() // cout, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+    _conv3d_tuned[grid](
+        xl, ctx, wk, bias if bias is not None else wk, res, out,
+        b * t * h * w, t, h, w, cin, cout, ctx.shape[2] if plan.use_context else 0, max(plan.chunk, 1),
+        sx[0], sx[2], sx[3], sx[4],
+        sc[0], sc[2], sc[3], sc[4],
+        *res.stride(),
+        *out.stride(),
+        KT=kt, KH=kh, KW=kw, SHIFT=plan.shift,
+        CHUNKED=plan.chunk > 0, HAS_CTX=plan.use_context, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, UPCAST=INTERPRET, PRECISION=precision,
+    )
+    return out
