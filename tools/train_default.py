@@ -162,7 +162,7 @@ def main() -> None:
     with torch.no_grad():
         z = torch.cat([ema.encoder(pool.batch(args.batch, args.frames, args.size)) for _ in range(8)])
         scale = float(1 / z.square().mean().sqrt())
-    final = DCAEV(ema.config.replace(scaling_factor=round(scale, 4)))
+    final = DCAEV(ema.config.replace(scaling_factor=float(f"{scale:.4g}")))  # 4 significant digits
     final.load_state_dict(ema.state_dict())
     final.save_pretrained(args.out, dtype=torch.float16)
     print(f"saved {args.out} after {step} steps ({(elapsed_before + time.time() - start) / 60:.1f} min); "

@@ -31,7 +31,7 @@ def _model_options(p: argparse.ArgumentParser, tiles: bool = True) -> None:
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     if tiles:
         g.add_argument("--frames-per-tile", type=int, help="frames per temporal tile, a multiple of the chunk size "
-                       "(equal to one shot up to float rounding; default: one chunk when streaming files)")
+                       "(equal to one shot up to float rounding; default: whole chunks, >= 40 frames)")
         g.add_argument("--tile-size", type=int, help="spatial tile size in pixels (blended overlap) for large frames")
 
 

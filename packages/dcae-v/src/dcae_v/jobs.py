@@ -55,6 +55,13 @@ def _quiet(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
 
 
+def default_tile(model: DCAEV) -> int:
+    """Frames per streaming tile when the user gives none: whole chunks, at least 40 frames
+    (one call per 8-frame chunk is several times slower on CPU than batching a few)."""
+    chunk = model.config.chunk_size
+    return chunk * max(1, -(-40 // chunk))
+
+
 def _streams(model: DCAEV) -> bool:
     return model.config.temporal != "non_causal"
 
@@ -127,12 +134,12 @@ def _reconstruct_pieces(model, src, frames_per_tile, tile_size, max_frames) -> I
         y = model.reconstruct(to_model_range(video).to(model.device), frames_per_tile, tile_size)
         yield video, to_uint8(y)
         return
-    step = frames_per_tile or model.config.chunk_size
+    step = frames_per_tile or default_tile(model)
     originals: deque = deque()
     seen = [0]
     pieces = _model_pieces(model, iter_video(src, step, max_frames=max_frames), originals, seen)
-    latents = model.encode_stream(pieces, frames_per_tile, tile_size)
-    for y in model.decode_stream(latents, frames_per_tile, tile_size):
+    latents = model.encode_stream(pieces, step, tile_size)
+    for y in model.decode_stream(latents, step, tile_size):
         rec = to_uint8(y)
         ref = _take(originals, rec.shape[0])
         if ref is None:
@@ -162,9 +169,9 @@ def encode_file(
         z = model.encode(x, frames_per_tile, tile_size)
     else:
         seen = [0]
-        step = frames_per_tile or model.config.chunk_size
+        step = frames_per_tile or default_tile(model)
         pieces = _model_pieces(model, iter_video(src, step, max_frames=max_frames), deque(maxlen=1), seen)
-        stream = model.encode_stream(pieces, frames_per_tile, tile_size)
+        stream = model.encode_stream(pieces, step, tile_size)
         z = torch.cat(list(tqdm(stream, unit="tile", disable=_quiet(progress), desc="encode")), dim=2)
         frames = seen[0]
     meta = {
@@ -216,7 +223,8 @@ def decode_file(
     fps = fps or meta.get("fps") or 16.0
     z = z.to(model.device)
     if _streams(model) and frames > 1:
-        pieces = model.decode_stream(z.split(model.config.latent_chunk_size, dim=2), frames_per_tile, tile_size)
+        step = frames_per_tile or default_tile(model)
+        pieces = model.decode_stream(z.split(step // tc, dim=2), step, tile_size)
     else:
         pieces = iter([model.decode(z, frames_per_tile, tile_size)])
     written = 0
@@ -288,7 +296,7 @@ def evaluate_dir(
             skipped.append({"file": str(path), "reason": f"only {video.shape[0]} frames (< {frames})"})
             continue
         ref = center_crop_resize(video, size)
-        tile = frames_per_tile or (model.config.chunk_size if _streams(model) else None)
+        tile = frames_per_tile or (default_tile(model) if _streams(model) else None)
         rec = to_uint8(model.reconstruct(to_model_range(ref).to(model.device), tile, tile_size))
         row = {"file": str(path.relative_to(directory)), "psnr": psnr_per_frame(ref, rec).clamp(max=PSNR_CAP_DB).mean().item(),
                "ssim": ssim_per_frame(ref, rec).mean().item()}
