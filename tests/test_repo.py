@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"dcvg-kernels": "dcvg_kernels", "dcae-v": "dcae_v", "ae-adapt": "ae_adapt", "dcvg-wan": "dcvg_wan"}
 
 
+def _script(name):
+    """A console script of the environment running the tests (its bin/ need not be on PATH)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
 def _project(name):
     return tomllib.loads((ROOT / "packages" / name / "pyproject.toml").read_text())
 
@@ -39,7 +45,7 @@ def test_package_layout_and_single_version_source(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PACKAGES)
 def test_hatch_version_works_per_package(name):
-    hatch = shutil.which("hatch")
+    hatch = _script("hatch")
     assert hatch, "hatch is a test dependency (tests/requirements.txt)"
     out = subprocess.run([hatch, "version"], cwd=ROOT / "packages" / name, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -56,14 +62,15 @@ def test_dependencies_point_one_way():
 
 @pytest.mark.parametrize("script", ["dcae-v", "ae-adapt", "dcvg-wan"])
 def test_console_scripts_answer_help(script):
-    path = shutil.which(script) or str(Path(sys.executable).parent / script)
+    path = _script(script)
     out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage:" in out.stdout
 
 
 @pytest.mark.slow
 def test_dcae_v_wheel_ships_demo_clip_and_default_checkpoint(tmp_path):
-    hatch = shutil.which("hatch")
+    hatch = _script("hatch")
+    assert hatch, "hatch is a test dependency (tests/requirements.txt)"
     out = subprocess.run([hatch, "build", "-t", "wheel", str(tmp_path)], cwd=ROOT / "packages/dcae-v",
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

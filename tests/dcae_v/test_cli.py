@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -358,8 +359,10 @@ def test_wrong_preset_message_names_the_closest_preset(files, capsys, tmp_path):
 
 # ---- console script ------------------------------------------------------------------------
 def test_console_script_is_installed():
-    exe = shutil.which("dcae-v")
-    assert exe is not None, "the dcae-v console script is not on PATH (is the package installed?)"
+    # the environment running the tests (its bin/ need not be on PATH: `.venv/bin/python -m pytest`)
+    local = Path(sys.executable).parent / "dcae-v"
+    exe = str(local) if local.exists() else shutil.which("dcae-v")
+    assert exe is not None, "the dcae-v console script is not installed next to python nor on PATH"
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: dcae-v")
