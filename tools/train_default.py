@@ -156,7 +156,7 @@ def main() -> None:
         if step % args.save_every == 0:
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                      "step": step, "elapsed": elapsed_before + time.time() - start}
-            _atomic(state_path, lambda tmp: torch.save(state, tmp))
+            _atomic(state_path, lambda tmp, state=state: torch.save(state, tmp))
 
     # scaling factor ~ 1 / RMS(latent), as NVIDIA's factors are
     with torch.no_grad():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcvg_wan import WanModel, get_preset
+from dcvg_wan import WanModel
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -702,7 +702,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 128x128 (HxW), got {text!r}")
+        raise argparse.ArgumentTypeError(f"size must look like 128x128 (HxW), got {text!r}") from None
     return h, w
 
 

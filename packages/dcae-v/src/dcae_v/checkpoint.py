@@ -211,7 +211,7 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> DCAEVConfig:
             f"could not infer a DC-AE-V architecture from the checkpoint keys ({e}); "
             f"{_best_preset_message(sd)}. Pass preset= explicitly."
         ) from None
-    for name, preset in PRESETS.items():
+    for preset in PRESETS.values():
         if preset.latent_channels == latent and preset.depths == depths and _active(preset) == _active(config):
             return preset
     return config
@@ -228,30 +228,40 @@ def expected_shapes(config: DCAEVConfig) -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(model: DCAEV, sd: Mapping[str, torch.Tensor], *, layout: str = "", path: Any = "") -> None:
     """Raise a CheckpointError listing missing, unexpected and mis-shaped keys, with the best preset."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    lines = key_mismatch_lines({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd)
+    if lines:
+        head = f"checkpoint {path} ({layout}) does not fit DC-AE-V {model.config.name}:"
+        raise CheckpointError("\n".join([head, *lines, f"  {_best_preset_message(sd)}"]))
+
+
+def key_mismatch_lines(expected: Mapping[str, tuple[int, ...]], sd: Mapping[str, torch.Tensor], shown: int = 8) -> list[str]:
+    """Readable lines on missing, unexpected and mis-shaped keys (empty when the keys fit).
+    Shared with dcvg-wan's loader, so every package reports a bad checkpoint the same way."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
-    misshaped = [f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
-    if not (missing or unexpected or misshaped):
-        return
-    parts = [f"checkpoint {path} ({layout}) does not fit DC-AE-V {model.config.name}:"]
+    misshaped = [f"{k}: file {tuple(sd[k].shape)} vs model {s}" for k, s in expected.items() if k in sd and tuple(sd[k].shape) != s]
+    lines = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if items:
-            shown = "\n    ".join(items[:8]) + (f"\n    ... and {len(items) - 8} more" if len(items) > 8 else "")
-            parts.append(f"  {len(items)} {title} key(s):\n    {shown}")
-    parts.append(f"  {_best_preset_message(sd)}")
-    raise CheckpointError("\n".join(parts))
+            more = f"\n    ... and {len(items) - shown} more" if len(items) > shown else ""
+            lines.append(f"  {len(items)} {title} key(s):\n    " + "\n    ".join(items[:shown]) + more)
+    return lines
+
+
+def closest_preset(sd: Mapping[str, torch.Tensor], candidates: Mapping[str, Mapping[str, tuple[int, ...]]]) -> str:
+    """'closest preset: NAME (...)': the candidate with the largest share of keys matching in
+    name and shape (ties go to the first listed)."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    scores = []
+    for i, (name, exp) in enumerate(candidates.items()):
+        hits = sum(1 for k, s in exp.items() if shapes.get(k) == s)
+        scores.append((hits / max(len(exp), len(shapes), 1), -i, name, hits, len(exp)))
+    _, _, name, hits, total = max(scores)
+    return f"closest preset: {name} ({hits}/{total} of its keys match in name and shape; the checkpoint has {len(shapes)} keys)"
 
 
 def _best_preset_message(sd: Mapping[str, torch.Tensor]) -> str:
-    shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    scores = []
-    for name, preset in PRESETS.items():
-        exp = expected_shapes(preset)
-        hits = sum(1 for k, s in exp.items() if shapes.get(k) == s)
-        scores.append((hits / max(len(exp), len(shapes)), name, hits, len(exp)))
-    frac, name, hits, total = max(scores)
-    return f"closest preset: {name} ({hits}/{total} keys match in name and shape; the checkpoint has {len(shapes)} keys)"
+    return closest_preset(sd, {name: expected_shapes(p) for name, p in PRESETS.items()})
 
 
 def describe_checkpoint(path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -284,7 +294,7 @@ def save_pretrained(model: DCAEV, directory: str | os.PathLike, *, dtype: torch.
     sd = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "dcae_v_version": __version__, "config": model.config.to_json()}
     config = model.config.to_dict() | {"_class_name": "DCAEV", "_library_version": __version__}
-    with _staged(directory / WEIGHTS_NAME) as weights_tmp, _staged(directory / CONFIG_NAME) as config_tmp:
+    with staged_file(directory / WEIGHTS_NAME) as weights_tmp, staged_file(directory / CONFIG_NAME) as config_tmp:
         save_file(sd, weights_tmp, metadata=meta)
         Path(config_tmp).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -303,7 +313,7 @@ def save_nvidia_checkpoint(
 
 
 @contextlib.contextmanager
-def _staged(target: Path):
+def staged_file(target: Path):
     """Yield a temp path next to `target`; on success it replaces `target`, on error it is removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -321,5 +331,5 @@ def _staged(target: Path):
 
 def _atomic(target: Path, write) -> None:
     """Write `target` through `write(temp_path)` so readers never see a partial file."""
-    with _staged(target) as tmp:
+    with staged_file(target) as tmp:
         write(tmp)

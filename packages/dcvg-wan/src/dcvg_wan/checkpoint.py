@@ -20,7 +20,6 @@ import functools
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from dcae_v.checkpoint import closest_preset, key_mismatch_lines, staged_file
 
 from dcvg_wan.__about__ import __version__
 from dcvg_wan.config import PRESETS, WanConfig, architecture, get_preset, preset_names
@@ -249,41 +250,21 @@ def expected_shapes(config: WanConfig) -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(model: WanModel, sd: Mapping[str, torch.Tensor], *, layout: str, path: Any) -> None:
     """Raise a CheckpointError listing missing, unexpected and mis-shaped keys."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    misshaped = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {s}" for k, s in expected.items() if k in sd and tuple(sd[k].shape) != s
-    ]
-    if not (missing or unexpected or misshaped):
+    lines = key_mismatch_lines({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd)
+    if not lines:
         return
     names = preset_names(model.config)
     expected_name = f"preset {' / '.join(names)}" if names else f"custom {architecture(model.config)}"
-    parts = [
+    head = (
         f"checkpoint {path} ({layout} layout) does not fit the expected Wan DiT, {expected_name} "
         f"(key names below in the official layout):"
-    ]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if items:
-            shown = "\n    ".join(items[:8]) + (f"\n    ... and {len(items) - 8} more" if len(items) > 8 else "")
-            parts.append(f"  {len(items)} {title} key(s):\n    {shown}")
-    parts.append(f"  {best_preset_message(sd)}")
-    raise CheckpointError("\n".join(parts))
+    )
+    raise CheckpointError("\n".join([head, *lines, f"  {best_preset_message(sd)}"]))
 
 
 def best_preset_message(sd: Mapping[str, torch.Tensor]) -> str:
     """The preset with the largest share of keys matching in name and shape."""
-    shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    scores = []
-    for name, preset in PRESETS.items():
-        exp = expected_shapes(preset)
-        hits = sum(1 for k, s in exp.items() if shapes.get(k) == s)
-        scores.append((hits / max(len(exp), len(shapes), 1), -len(scores), name, hits, len(exp)))
-    _, _, name, hits, total = max(scores)
-    return (
-        f"closest preset: {name} ({hits}/{total} of its keys match in name and shape; "
-        f"the checkpoint has {len(shapes)} keys)"
-    )
+    return closest_preset(sd, {name: expected_shapes(preset) for name, preset in PRESETS.items()})
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -304,22 +285,6 @@ def save_pretrained(
     sd = _cast({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, dtype)
     config = official_config_json(model.config) if layout == "official" else diffusers_config_json(model.config)
     meta = {"format": "pt", "dcvg_wan_version": __version__, "dcvg_wan_config": model.config.to_json()}
-    with _staged(directory / WEIGHTS_NAME) as weights_tmp, _staged(directory / CONFIG_NAME) as config_tmp:
+    with staged_file(directory / WEIGHTS_NAME) as weights_tmp, staged_file(directory / CONFIG_NAME) as config_tmp:
         save_file(from_official(sd, layout), weights_tmp, metadata=meta)
         Path(config_tmp).write_text(json.dumps(config, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def _staged(target: Path):
-    """Yield a temp path next to `target`; on success it replaces `target`, on error it is removed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
