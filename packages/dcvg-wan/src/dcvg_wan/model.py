@@ -10,8 +10,8 @@ import os
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from dcvg_wan.config import WanConfig, get_preset, preset_names
 from dcvg_wan.errors import InputError
@@ -20,8 +20,18 @@ from dcvg_wan.rope import apply_rope, rope_cos_sin
 Grid = tuple[int, int, int]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked softmax attention on [B, L, H, D] (scale 1/sqrt(D)); the one attention entry point."""
+ATTENTION_BACKENDS = ("sdpa", "triton")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """Unmasked softmax attention on [B, L, H, D] (scale 1/sqrt(D)); the one attention entry point.
+
+    "sdpa": torch's scaled_dot_product_attention; "triton": `dcvg_kernels.attention` (Triton on
+    CUDA, SDPA elsewhere)."""
+    if backend == "triton":
+        import dcvg_kernels
+
+        return dcvg_kernels.attention(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 
@@ -69,13 +79,16 @@ class SelfAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = _qk_norm(cfg), _qk_norm(cfg)
+        self.backend = "sdpa"
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attend=None) -> torch.Tensor:
+        """`attend(q, k, v)` replaces the attention itself (sequence parallelism swaps it in)."""
         x = _in(self.q, x)
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attend(q, k, v) if attend is not None else attention(q, k, v, self.backend)
         return self.o(out.flatten(2))
 
 
@@ -91,6 +104,7 @@ class CrossAttention(nn.Module):
         if cfg.image_dim is not None:
             self.k_img, self.v_img = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
             self.norm_k_img = _qk_norm(cfg)
+        self.backend = "sdpa"
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, -1))
@@ -98,10 +112,10 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, text: torch.Tensor, img: torch.Tensor | None) -> torch.Tensor:
         q = self._heads(self.norm_q(self.q(_in(self.q, x))))
         k, v = self._heads(self.norm_k(self.k(text))), self._heads(self.v(text))
-        out = attention(q, k, v)
+        out = attention(q, k, v, self.backend)
         if img is not None:
             k_img, v_img = self._heads(self.norm_k_img(self.k_img(img))), self._heads(self.v_img(img))
-            out = out + attention(q, k_img, v_img)
+            out = out + attention(q, k_img, v_img, self.backend)
         return self.o(out.flatten(2))
 
 
@@ -119,10 +133,10 @@ class Block(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, e0, rope, text, img):
-        """x [B, L, dim] fp32 residual stream; e0 [B, 6, dim] fp32."""
+    def forward(self, x, e0, rope, text, img, attend=None):
+        """x [B, L, dim] fp32 residual stream; e0 [B, 6, dim] fp32; `attend` see SelfAttention."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
-        y = self.self_attn(_layer_norm(x, self.eps) * (1 + scale1) + shift1, rope)
+        y = self.self_attn(_layer_norm(x, self.eps) * (1 + scale1) + shift1, rope, attend)
         x = x + y.float() * gate1
         cross_in = _affine_norm(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
         x = x + self.cross_attn(cross_in, text, img).float()
@@ -232,6 +246,20 @@ class WanModel(nn.Module):
             p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
         return self
 
+    def set_attention_backend(self, backend: str) -> WanModel:
+        """Route every attention through "sdpa" (default) or "triton" (dcvg-kernels)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise InputError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if backend == "triton":
+            try:
+                import dcvg_kernels  # noqa: F401
+            except ImportError as err:
+                raise InputError("--attention triton needs the dcvg-kernels package: pip install dcvg-kernels") from err
+        for module in self.modules():
+            if isinstance(module, (SelfAttention, CrossAttention)):
+                module.backend = backend
+        return self
+
     @property
     def preset_names(self) -> tuple[str, ...]:
         """The presets with this model's architecture (empty for a custom one)."""
@@ -296,13 +324,31 @@ class WanModel(nn.Module):
         clip_fea: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Blocks + head + unpatchify on patch tokens [B, L, dim] (from `patch_embed`)."""
+        return self.unpatchify(self.forward_tokens(tokens, grid, t, context, clip_fea), grid)
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        grid: Grid,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        clip_fea: torch.Tensor | None = None,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attend=None,
+    ) -> torch.Tensor:
+        """Blocks + head on tokens [B, L, dim] -> [B, L, prod(patch)*out_dim] float32.
+
+        `rope` defaults to the tables of the whole `grid`; a sequence-parallel caller passes the
+        rows of its own tokens and an `attend` that exchanges them (see `dcvg_wan.parallel`)."""
         e, e0 = self.embed_time(t)
         text, img = self.embed_context(context, clip_fea)
-        rope = rope_cos_sin(grid, self.config.head_dim, tokens.device)
+        if rope is None:
+            rope = rope_cos_sin(grid, self.config.head_dim, tokens.device)
         x = tokens.float()
         for block in self.blocks:
-            x = block(x, e0, rope, text, img)
-        return self.unpatchify(self.head(x, e), grid)
+            x = block(x, e0, rope, text, img, attend)
+        return self.head(x, e)
 
     def forward(
         self,
@@ -312,11 +358,16 @@ class WanModel(nn.Module):
         clip_fea: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        tokens, grid, t = self.embed_inputs(x, t, context, clip_fea, y)
+        return self.forward_from_embeddings(tokens, grid, t, context, clip_fea)
+
+    def embed_inputs(self, x, t, context, clip_fea=None, y=None) -> tuple[torch.Tensor, Grid, torch.Tensor]:
+        """Check the forward's inputs, concatenate y, patch-embed: (tokens, grid, t as [B])."""
         t = _check_inputs(self.config, x, t, context, clip_fea, y)
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         tokens, grid = self.patch_embed(x)
-        return self.forward_from_embeddings(tokens, grid, t, context, clip_fea)
+        return tokens, grid, t
 
 
 def _check_inputs(cfg: WanConfig, x, t, context, clip_fea, y) -> torch.Tensor:
