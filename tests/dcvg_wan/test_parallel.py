@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from dcvg_wan.errors import InputError
 from dcvg_wan.parallel import sequence_parallel_forward
-
 from tests.dcvg_wan.conftest import make_inputs, make_model
 
 

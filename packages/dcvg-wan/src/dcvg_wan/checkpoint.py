@@ -29,10 +29,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dcae_v.checkpoint import closest_preset, key_mismatch_lines, staged_file
-
 from dcvg_wan.__about__ import __version__
 from dcvg_wan.config import PRESETS, WanConfig, architecture, get_preset, preset_names
-from dcvg_wan.config_json import diffusers_config_json, official_config_json, read_config
+from dcvg_wan.config_json import (
+    diffusers_config_json,
+    official_config_json,
+    read_config,
+)
 from dcvg_wan.errors import CheckpointError
 from dcvg_wan.layouts import detect_layout, from_official, to_official
 from dcvg_wan.model import WanModel, keeps_fp32
@@ -61,7 +64,7 @@ def load_wan(
     layout = detect_layout(_keys(files))
     sd = {}
     for file in files:  # one shard at a time: renamed and cast before the next is read
-        sd.update(_cast(to_official(_read(file), layout), dtype))
+        sd.update(_cast(to_official(read_weight_file(file), layout), dtype))
     config = get_preset(preset) if preset is not None else resolve_config(sd, config_fields, path)
     with torch.device("meta"):
         model = WanModel(config)
@@ -98,7 +101,7 @@ def _directory_files(path: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        return _shards(index)
+        return index_shards(index)
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     subdirs = [p.name + "/" for p in sorted(path.iterdir()) if (p / CONFIG_NAME).is_file() and _has_weights(p)]
     hint = f"; subfolders holding a model: {subdirs} (pass one of them)" if subdirs else ""
@@ -112,7 +115,7 @@ def _has_weights(p: Path) -> bool:
     return (p / WEIGHTS_NAME).is_file() or (p / INDEX_NAME).is_file()
 
 
-def _shards(index: Path) -> list[Path]:
+def index_shards(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = sorted(set(weight_map.values()))
@@ -134,11 +137,11 @@ def _keys(files: list[Path]) -> list[str]:
             with _safetensors_errors(f), safe_open(str(f), framework="pt") as handle:
                 keys += list(handle.keys())
         else:
-            keys += list(_read(f))
+            keys += list(read_weight_file(f))
     return keys
 
 
-def _read(file: Path) -> dict[str, torch.Tensor]:
+def read_weight_file(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix == ".safetensors":
         with _safetensors_errors(file):
             return load_file(str(file))
@@ -288,3 +291,38 @@ def save_pretrained(
     with staged_file(directory / WEIGHTS_NAME) as weights_tmp, staged_file(directory / CONFIG_NAME) as config_tmp:
         save_file(from_official(sd, layout), weights_tmp, metadata=meta)
         Path(config_tmp).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_single_file(
+    model: WanModel, path: str | os.PathLike, *, layout: str = "comfy", dtype: torch.dtype | None = None
+) -> None:
+    """One `.safetensors` file in the ComfyUI layout (`model.diffusion_model.` + official names)
+    or bare official names, with our config in its metadata; written atomically."""
+    if layout not in ("comfy", "official"):
+        raise ValueError(f"a single file is written in the 'comfy' or 'official' layout, got {layout!r}")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: a single-file checkpoint must end in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = _cast({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, dtype)
+    meta = {"format": "pt", "dcvg_wan_version": __version__, "dcvg_wan_config": model.config.to_json()}
+    with staged_file(path) as tmp:
+        save_file(from_official(sd, layout), tmp, metadata=meta)
+
+
+def convert_checkpoint(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    *,
+    layout: str,
+    preset: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> WanModel:
+    """Read a DiT in any layout and write it in `layout`: "official" or "diffusers" (a directory
+    with config.json) or "comfy" (a single .safetensors file). Returns the loaded model."""
+    model = load_wan(source, preset=preset, dtype=dtype)
+    if layout == "comfy":
+        save_single_file(model, target, layout="comfy")
+    else:
+        save_pretrained(model, target, layout=layout)
+    return model

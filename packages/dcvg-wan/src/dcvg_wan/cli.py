@@ -1,19 +1,108 @@
-"""`dcvg-wan` command line (no commands yet: the package is a skeleton)."""
+"""`dcvg-wan` command line.
+
+Thin layer: parses arguments, calls the library, turns typed errors into exit codes
+(0 ok, 2 usage, 3 bad input, 4 checkpoint problem, 130 interrupted; an unexpected bug keeps
+Python's traceback and exit code 1). Commands: `generate` (official generate.py flags), `convert`
+(between checkpoint layouts), `cost` (tokens and FLOPs per DiT step).
+"""
+
+from __future__ import annotations
 
 import argparse
+import sys
 
 from dcvg_wan.__about__ import __version__
+from dcvg_wan.errors import CheckpointError, InputError
+
+EXIT_INPUT, EXIT_CHECKPOINT = 3, 4
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from dcvg_wan.cost import cost_table, format_table, parse_size
+
+    sizes = [parse_size(s) for s in args.size.split(",")] if args.size else None
+    print(format_table(cost_table(args.task, sizes, args.frame_num)))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dcvg_wan.generate import run
+
+    run(args)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from dcvg_wan.checkpoint import convert_checkpoint
+
+    dtype = {None: None, "bf16": torch_dtype("bfloat16"), "fp16": torch_dtype("float16"), "fp32": torch_dtype("float32")}
+    model = convert_checkpoint(args.input, args.output, layout=args.layout, preset=args.preset, dtype=dtype[args.dtype])
+    names = ", ".join(model.preset_names) or "custom architecture"
+    print(f"wrote {args.output} ({args.layout} layout; {names})")
+    return 0
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcvg-wan", description="Wan-2.1 text/image-to-video on DC-AE-V (DC-VideoGen).")
+    parser.add_argument("--version", action="version", version=f"dcvg-wan {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cost = sub.add_parser(
+        "cost",
+        help="tokens and FLOPs of one DiT step: Wan-VAE vs DC-AE-V latents",
+        description="Tokens and matmul FLOPs of one DiT forward for the base model on Wan-VAE latents and its "
+        "DC-VideoGen variant on DC-AE-V latents, their ratio, and the paper's measured speedup.",
+    )
+    cost.add_argument("--task", default="t2v-1.3B", help="model preset, e.g. t2v-1.3B, t2v-14B, i2v-14B (default t2v-1.3B)")
+    cost.add_argument("--size", help="W*H, comma-separated, or 480p/720p/1080p/2160p (default: all four)")
+    cost.add_argument("--frame_num", type=int, default=81, help="frames of the video (default 81)")
+    cost.set_defaults(func=cmd_cost)
+
+    from dcvg_wan.generate import add_arguments
+
+    generate = sub.add_parser(
+        "generate",
+        help="text/image to video (the official generate.py flags, plus --ae/--dcae_ckpt/--attention)",
+        description="Generate a video with Wan-2.1 (--ae wan-vae) or DC-VideoGen (--ae dcae-v). Without --ckpt_dir "
+        "the embedded demo model runs (a toy T2V model on DC-AE-V latents).",
+    )
+    add_arguments(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert a DiT checkpoint between the official, diffusers and ComfyUI layouts",
+        description="Read a Wan DiT in any layout (official/diffusers folder, ComfyUI or official single file) "
+        "and write it in another: official or diffusers (a folder with config.json) or comfy (one .safetensors).",
+    )
+    convert.add_argument("input", help="checkpoint folder or file")
+    convert.add_argument("output", help="output folder (official, diffusers) or .safetensors file (comfy)")
+    convert.add_argument("--layout", required=True, choices=("official", "diffusers", "comfy"))
+    convert.add_argument("--preset", default=None, help="architecture to expect (default: from config/shapes)")
+    convert.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="cast (default: as stored)")
+    convert.set_defaults(func=cmd_convert)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dcvg-wan",
-        description="Wan-2.1 on DC-AE-V (skeleton: `generate`, `convert`, `adapt` and `cost` are not implemented yet).",
-    )
-    parser.add_argument("--version", action="version", version=f"dcvg-wan {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"dcvg-wan: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except CheckpointError as e:
+        print(f"dcvg-wan: checkpoint error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
+    except KeyboardInterrupt:
+        print("dcvg-wan: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -50,4 +50,4 @@ def from_official(sd: Mapping, layout: str) -> dict:
     return _module(layout).from_official(sd)
 
 
-__all__ = ["LAYOUTS", "detect_layout", "to_official", "from_official"]
+__all__ = ["LAYOUTS", "detect_layout", "from_official", "to_official"]

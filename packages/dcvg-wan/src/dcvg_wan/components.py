@@ -1,0 +1,112 @@
+"""Where each component of a Wan-2.1 pipeline lives inside the checkpoint folders users have.
+
+Three folder shapes are recognised, the ones the official repo, diffusers and NVIDIA ship:
+
+* official `Wan-AI/Wan2.1-*`: the DiT at the top (`config.json` + `diffusion_pytorch_model*.safetensors`),
+  `Wan2.1_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth` + `google/umt5-xxl/`, and for I2V
+  `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` (+ `xlm-roberta-large/`);
+* diffusers `Wan-AI/Wan2.1-*-Diffusers`: `transformer/ vae/ text_encoder/ tokenizer/ image_encoder/`;
+* NVIDIA `DC-VideoGen-Wan2.1-14B`: `transformer_t2v/` or `transformer_i2v/`,
+  `dc-ae-v-f32t4c32-1.0-bf16.pt`, `text_encoder/ tokenizer/`, the official CLIP `.pth`.
+
+Every component may also be given explicitly (a path overrides the folder search). A missing one
+raises a `CheckpointError` that lists every place looked at.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from dcvg_wan.errors import CheckpointError
+
+DIT_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+OFFICIAL_VAE = "Wan2.1_VAE.pth"
+OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+OFFICIAL_T5_TOKENIZER = "google/umt5-xxl"
+OFFICIAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+NVIDIA_DCAE = "dc-ae-v-f32t4c32-1.0-bf16.pt"
+
+
+@dataclass(frozen=True)
+class ComponentPaths:
+    """Resolved files/folders; `None` where the task does not use the component."""
+
+    dit: Path
+    text_encoder: Path
+    tokenizer: Path
+    vae: Path | None = None
+    dcae: Path | None = None
+    image_encoder: Path | None = None
+
+    def describe(self) -> str:
+        return "\n".join(f"  {f.name:<14} {getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name))
+
+
+def _is_dit_dir(p: Path) -> bool:
+    return p.is_dir() and any((p / name).is_file() for name in DIT_WEIGHTS)
+
+
+def _first(candidates: list[Path], what: str, looked: list[str], check=Path.exists) -> Path | None:
+    for c in candidates:
+        if check(c):
+            return c
+    looked.extend(f"{what}: {c}" for c in candidates)
+    return None
+
+
+def locate_components(
+    ckpt_dir: str | os.PathLike | None,
+    *,
+    i2v: bool,
+    ae: str = "wan-vae",
+    dit: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    dcae: str | os.PathLike | None = None,
+    text_encoder: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    image_encoder: str | os.PathLike | None = None,
+) -> ComponentPaths:
+    """Find the pipeline's files in `ckpt_dir` (any of the three shapes) or take the given paths.
+
+    `ae` is "wan-vae" (the base model) or "dcae-v" (DC-VideoGen: the DiT is NVIDIA's
+    `transformer_t2v/`/`transformer_i2v/` or an adapted model from `dcvg-wan adapt`)."""
+    if ae not in ("wan-vae", "dcae-v"):
+        raise CheckpointError(f"unknown autoencoder {ae!r}: choose wan-vae or dcae-v")
+    root = Path(ckpt_dir) if ckpt_dir is not None else None
+    if root is not None and not root.is_dir():
+        raise CheckpointError(f"--ckpt_dir {root} is not a directory")
+    looked: list[str] = []
+
+    def pick(given, candidates: list[Path], what: str, check=Path.exists) -> Path | None:
+        if given is not None:
+            given = Path(given)
+            if not given.exists():
+                looked.append(f"{what}: {given} (given explicitly, does not exist)")
+                return None
+            return given
+        return _first(candidates if root is not None else [], what, looked, check)
+
+    r = root or Path(".")
+    kind = "i2v" if i2v else "t2v"
+    dit_candidates = [r / f"transformer_{kind}", r / "transformer", r] if ae == "dcae-v" else [r / "transformer", r]
+    found = {
+        "dit": pick(dit, dit_candidates, "DiT (config.json + diffusion_pytorch_model*.safetensors)", _is_dit_dir),
+        "text_encoder": pick(text_encoder, [r / OFFICIAL_T5, r / "text_encoder"], "umT5 text encoder"),
+        "tokenizer": pick(tokenizer, [r / OFFICIAL_T5_TOKENIZER, r / "tokenizer"], "umT5 tokenizer folder", Path.is_dir),
+    }
+    if ae == "wan-vae":
+        found["vae"] = pick(vae, [r / OFFICIAL_VAE, r / "vae"], "Wan VAE")
+    else:
+        found["dcae"] = pick(dcae, [r / NVIDIA_DCAE, r / "dcae"], "DC-AE-V checkpoint (--dcae_ckpt)")
+    if i2v:
+        found["image_encoder"] = pick(image_encoder, [r / OFFICIAL_CLIP, r / "image_encoder"], "CLIP image encoder")
+    if looked:
+        where = f"in {root}" if root is not None else "(no --ckpt_dir given)"
+        raise CheckpointError(
+            f"missing checkpoint files {where}; looked for:\n  " + "\n  ".join(looked)
+            + "\nDownload the Wan2.1 checkpoint folder (official or -Diffusers) and pass it as --ckpt_dir,"
+            " or give the missing component's path explicitly."
+        )
+    return ComponentPaths(**found)

@@ -1,0 +1,159 @@
+"""`dcvg-wan generate`: the official generate.py flags on our pipelines (a thin app).
+
+Without --ckpt_dir it runs the embedded demo model (`dcvg_wan.assets/t2v-tiny`, DC-AE-V latents),
+so the command does something real offline; with it, the user's Wan-2.1 or DC-VideoGen weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from dcvg_wan.components import ComponentPaths
+from dcvg_wan.errors import InputError
+
+EXAMPLE_PROMPT = {  # wan/configs/__init__.py / generate.py EXAMPLE_PROMPT
+    "t2v": "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage.",
+    "i2v": "Summer beach vacation style, a white cat wearing sunglasses sits on a surfboard. The fluffy-furred feline "
+    "gazes directly at the camera with a relaxed expression. Blurred beach scenery forms the background featuring "
+    "crystal-clear waters, distant green hills, and a blue sky dotted with white clouds. The cat assumes a naturally "
+    "relaxed posture, as if savoring the sea breeze and warm sunlight. A close-up shot highlights the feline's "
+    "intricate details and the refreshing atmosphere of the seaside.",
+}
+TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B")
+EMBEDDED = "t2v-tiny"
+
+
+def embedded_default() -> tuple[ComponentPaths, dict]:
+    """Paths of the shipped demo model and its sampling defaults (defaults.json)."""
+    root = Path(str(resources.files("dcvg_wan") / "assets" / EMBEDDED))
+    if not (root / "defaults.json").is_file():
+        raise InputError(
+            f"the embedded demo model is missing from this installation ({root}); pass --ckpt_dir with Wan-2.1 weights"
+        )
+    paths = ComponentPaths(dit=root / "transformer", text_encoder=root / "text_encoder", tokenizer=root / "tokenizer")
+    return paths, json.loads((root / "defaults.json").read_text())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The official generate.py flags (same names and defaults) plus ours."""
+    p.add_argument("--task", default=None, choices=TASKS + (EMBEDDED,),
+                   help="official task (default: t2v-14B with --ckpt_dir, the embedded t2v-tiny without)")
+    p.add_argument("--size", default=None, help="W*H (official default 1280*720; I2V: the maximum area)")
+    p.add_argument("--frame_num", type=int, default=None, help="frames (default 81; Wan VAE 4n+1, DC-AE-V 4n)")
+    p.add_argument("--ckpt_dir", default=None, help="Wan-2.1 (official or -Diffusers) or DC-VideoGen checkpoint folder")
+    p.add_argument("--offload_model", type=_bool, default=None,
+                   help="keep models on the CPU between stages (default: True on one GPU, as official)")
+    p.add_argument("--t5_cpu", action="store_true", help="run the umT5 text encoder on the CPU")
+    p.add_argument("--save_file", default=None, help="output .mp4 (default: an automatic name)")
+    p.add_argument("--prompt", default=None, help="the prompt (default: the official example prompt)")
+    p.add_argument("--negative_prompt", default=None, help="default: the official negative prompt")
+    p.add_argument("--base_seed", type=int, default=-1, help="-1: random")
+    p.add_argument("--image", default=None, help="I2V: the first frame (any image PyAV reads)")
+    p.add_argument("--sample_solver", default="unipc", choices=("unipc", "dpm++", "euler"))
+    p.add_argument("--sample_steps", type=int, default=None, help="default: 50 (T2V) / 40 (I2V)")
+    p.add_argument("--sample_shift", type=float, default=None, help="default: 5.0 (I2V 480p: 3.0)")
+    p.add_argument("--sample_guide_scale", type=float, default=5.0)
+    p.add_argument("--ae", default=None, choices=("wan-vae", "dcae-v"),
+                   help="latent space: wan-vae (base Wan-2.1) or dcae-v (DC-VideoGen); default wan-vae with --ckpt_dir")
+    p.add_argument("--dcae_ckpt", default=None, help="DC-AE-V checkpoint (.pt or folder) for --ae dcae-v")
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "triton"))
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
+                   help="DiT/text-encoder dtype (default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--frames_per_tile", type=int, default=None, help="DC-AE-V streaming decode tile (frames)")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def run(args: argparse.Namespace, log=print) -> Path:
+    """Load, generate, save; returns the written path."""
+    from dcvg_wan.pipelines import I2VPipeline, T2VPipeline
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    embedded = args.ckpt_dir is None
+    task = args.task or (EMBEDDED if embedded else "t2v-14B")
+    defaults: dict = {}
+    paths = None
+    if embedded or task == EMBEDDED:
+        if task != EMBEDDED:
+            raise InputError(f"--task {task} needs --ckpt_dir (the embedded demo model is text-to-video only: t2v-tiny)")
+        if args.ae == "wan-vae":
+            raise InputError("the embedded demo model runs on DC-AE-V latents; drop --ae wan-vae or pass --ckpt_dir")
+        paths, defaults = embedded_default()
+        log("no --ckpt_dir: using the embedded demo model t2v-tiny (a toy Wan DiT on DC-AE-V latents trained on "
+            f"synthetic scenes; try --prompt \"{defaults['example_prompt']}\")")
+    i2v = task.startswith("i2v")
+    if i2v and not args.image:
+        raise InputError("an I2V task needs --image PATH (the first frame)")
+    if not i2v and args.image:
+        raise InputError(f"--image is only for I2V tasks; --task {task} is text-to-video")
+    ae = args.ae or ("dcae-v" if embedded else "wan-vae")
+    offload = args.offload_model if args.offload_model is not None else device.type == "cuda"
+    pipe_cls = I2VPipeline if i2v else T2VPipeline
+    start = time.perf_counter()
+    pipe = pipe_cls.from_pretrained(
+        args.ckpt_dir, task=None if embedded else task, ae=ae, dcae_ckpt=args.dcae_ckpt, device=device,
+        dtype=dtype, offload_model=offload, t5_cpu=args.t5_cpu, attention=args.attention,
+        frames_per_tile=args.frames_per_tile, paths=paths, default_negative_prompt=defaults.get("negative_prompt"),
+        log=log,
+    )
+    log(f"loaded in {time.perf_counter() - start:.1f} s")
+    prompt = args.prompt or defaults.get("example_prompt") or EXAMPLE_PROMPT["i2v" if i2v else "t2v"]
+    size = args.size or defaults.get("size") or ("832*480" if task == "t2v-1.3B" else "1280*720")
+    common = {
+        "size": size,
+        "frame_num": args.frame_num or defaults.get("frame_num", 81),
+        "steps": args.sample_steps or defaults.get("steps"),
+        "shift": args.sample_shift if args.sample_shift is not None else defaults.get("shift"),
+        "guide_scale": args.sample_guide_scale,
+        "solver": args.sample_solver,
+        "seed": args.base_seed,
+        "negative_prompt": args.negative_prompt or "",
+        "progress": True,
+        "log": log,
+    }
+    if i2v:
+        result = pipe(prompt, read_image(args.image), **common)
+    else:
+        result = pipe(prompt, **common)
+    save_file = args.save_file or default_save_file(task, result.size.size, prompt)
+    result.save(save_file)
+    log(f"seed {result.seed}; {result.size.frames} frames of {result.size.size}")
+    log("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
+    log(f"saved {save_file}")
+    return Path(save_file)
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """The first frame of any image/video PyAV reads -> [1, 3, H, W] in [-1, 1]."""
+    from dcae_v.errors import DCAEVError
+    from dcae_v.io import read_video, to_model_range
+
+    try:
+        frames = read_video(path, max_frames=1).frames
+    except DCAEVError as err:
+        raise InputError(f"cannot read --image {path}: {err}") from err
+    return to_model_range(frames)[:, :, 0]
+
+
+def default_save_file(task: str, size: str, prompt: str) -> str:
+    """Official naming: task_size_1_1_prompt_timestamp.mp4."""
+    words = re.sub(r"[^\w]+", "_", prompt.strip())[:50].strip("_")
+    return f"{task}_{size.replace('*', 'x')}_1_1_{words}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"

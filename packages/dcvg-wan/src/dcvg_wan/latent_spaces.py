@@ -1,0 +1,171 @@
+"""The two latent spaces a Wan DiT can run in, behind one small interface.
+
+* `WanVAESpace`: the base model's Wan VAE (f8t4c16, normalised latents, frames 4k+1, the DiT
+  patchifies 1x2x2, so pixel sizes are multiples of 16);
+* `DCAEVSpace`: DC-VideoGen's DC-AE-V (f32t4c32, latents x scaling_factor, frames multiples of
+  4, patch 1x1x1, pixel sizes multiples of 32).
+
+Both give the I2V conditioning `y` = concat(mask 4 channels, conditioning latent). For the Wan VAE
+that is the official one (the image followed by F-1 black frames); for DC-AE-V it is the paper's
+image-chunk conditioning (section 3.4): the image replicated 4x to fill the first temporal group,
+then F-4 black frames, so that the first latent frame encodes the image as a whole chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dcvg_wan.errors import InputError
+
+
+@dataclass(frozen=True)
+class Rounded:
+    """A generation size after rounding to what the latent space and DiT accept."""
+
+    frames: int
+    height: int
+    width: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}*{self.height}"
+
+
+class LatentSpace:
+    """What the pipelines need from an autoencoder; subclasses wrap a model."""
+
+    name: str
+    channels: int
+    spatial: int
+    temporal: int = 4
+
+    def __init__(self, model: torch.nn.Module, patch: tuple[int, int, int]):
+        self.model = model
+        self.patch = tuple(patch)
+        self.channels = model.latent_channels
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def pixel_multiple(self) -> int:
+        """Pixel height/width multiple: autoencoder stride x DiT patch."""
+        return self.spatial * self.patch[1]
+
+    def valid_frames(self, frames: int) -> int:
+        raise NotImplementedError
+
+    def latent_frames(self, frames: int) -> int:
+        raise NotImplementedError
+
+    def round_size(self, frames: int, height: int, width: int) -> Rounded:
+        """Round (frames, height, width) down to the accepted values, with a note for each change."""
+        if frames < 1 or height < 1 or width < 1:
+            raise InputError(f"frame_num and size must be positive, got {frames} frames of {width}*{height}")
+        m = self.pixel_multiple
+        f = self.valid_frames(frames)
+        h, w = max(m, height // m * m), max(m, width // m * m)
+        notes = []
+        if f != frames:
+            notes.append(f"frame_num {frames} -> {f} ({self.name} needs {self.frame_rule})")
+        if (h, w) != (height, width):
+            notes.append(f"size {width}*{height} -> {w}*{h} (multiples of {m} for {self.name} + the DiT patch)")
+        return Rounded(f, h, w, tuple(notes))
+
+    def area_size(self, frames: int, max_area: int, aspect: float) -> Rounded:
+        """I2V: the largest size of the image's aspect (h/w) within `max_area` pixels (official rule)."""
+        stride, ph = self.spatial, self.patch[1]
+        lat_h = round(math.sqrt(max_area * aspect) // stride // ph * ph)
+        lat_w = round(math.sqrt(max_area / aspect) // stride // ph * ph)
+        if lat_h < ph or lat_w < ph:
+            raise InputError(f"the area {max_area} is too small for an image of aspect h/w={aspect:.3f}")
+        rounded = self.round_size(frames, lat_h * stride, lat_w * stride)
+        return rounded
+
+    def latent_shape(self, r: Rounded) -> tuple[int, int, int, int]:
+        return (self.channels, self.latent_frames(r.frames), r.height // self.spatial, r.width // self.spatial)
+
+    # ---- encode / decode / I2V conditioning ----------------------------------------------------
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, 3, F, H, W] in [-1, 1] -> the DiT's latent."""
+        raise NotImplementedError
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """The DiT's latent -> [B, 3, F, H, W] in [-1, 1]."""
+        raise NotImplementedError
+
+    def image_chunk(self, image: torch.Tensor, frames: int) -> torch.Tensor:
+        """[B, 3, H, W] -> the conditioning video [B, 3, frames, H, W]."""
+        raise NotImplementedError
+
+    def image_condition(self, image: torch.Tensor, frames: int) -> torch.Tensor:
+        """y = concat(mask [B, 4, T', h, w] with ones on the first latent frame, encoded image chunk)."""
+        latent = self.encode(self.image_chunk(image, frames))
+        mask = torch.zeros(latent.shape[0], 4, *latent.shape[2:], dtype=latent.dtype, device=latent.device)
+        mask[:, :, 0] = 1
+        return torch.cat([mask, latent], dim=1)
+
+    @staticmethod
+    def _black_after(image: torch.Tensor, copies: int, frames: int) -> torch.Tensor:
+        first = image.unsqueeze(2).expand(-1, -1, copies, -1, -1)
+        rest = torch.zeros(*image.shape[:2], frames - copies, *image.shape[2:], dtype=image.dtype, device=image.device)
+        return torch.cat([first, rest], dim=2)
+
+
+class WanVAESpace(LatentSpace):
+    name = "wan-vae"
+    spatial = 8
+    frame_rule = "4k+1 frames"
+
+    def valid_frames(self, frames: int) -> int:
+        return (frames - 1) // 4 * 4 + 1
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - 1) // 4 + 1
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(video)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(latent).clamp(-1, 1)
+
+    def image_chunk(self, image: torch.Tensor, frames: int) -> torch.Tensor:
+        return self._black_after(image, 1, frames)
+
+
+class DCAEVSpace(LatentSpace):
+    name = "dcae-v"
+    spatial = 32
+    frame_rule = "a multiple of 4 frames"
+
+    def __init__(self, model: torch.nn.Module, patch: tuple[int, int, int], frames_per_tile: int | None = None):
+        super().__init__(model, patch)
+        self.spatial = model.spatial_compression
+        self.temporal = model.temporal_compression
+        self.frames_per_tile = frames_per_tile
+
+    def valid_frames(self, frames: int) -> int:
+        return max(self.temporal, frames // self.temporal * self.temporal)
+
+    def latent_frames(self, frames: int) -> int:
+        return frames // self.temporal
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        z = self.model.encode(video.to(self.model.dtype), frames_per_tile=self.frames_per_tile)
+        return z.float() * self.model.scaling_factor
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        z = (latent / self.model.scaling_factor).to(self.model.dtype)
+        return self.model.decode(z, frames_per_tile=self.frames_per_tile).float().clamp(-1, 1)
+
+    def image_chunk(self, image: torch.Tensor, frames: int) -> torch.Tensor:
+        return self._black_after(image, self.temporal, frames)
+
+
+def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, 3, h, w] in [-1, 1] -> [B, 3, height, width], bicubic as the official I2V (no crop, and
+    no clamp of the bicubic overshoot, as official)."""
+    return F.interpolate(image.float(), size=(height, width), mode="bicubic", align_corners=False)

@@ -1,0 +1,334 @@
+"""Text-to-video and image-to-video over either latent space, stage by stage as the official code.
+
+    pipe = T2VPipeline.from_pretrained("Wan2.1-T2V-1.3B", task="t2v-1.3B")
+    result = pipe("a cat surfing", size="832*480", frame_num=81, seed=42)
+    result.save("cat.mp4")
+
+Stages: text (umT5) -> [I2V: CLIP features + conditioning latent] -> sampling (DiT) -> decode.
+`offload_model` keeps each model on the CPU except while its stage runs (official
+`--offload_model`); `t5_cpu` runs the text encoder on the CPU (official `--t5_cpu`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dcvg_wan.components import ComponentPaths, locate_components
+from dcvg_wan.cost import parse_size
+from dcvg_wan.errors import CheckpointError, InputError
+from dcvg_wan.latent_spaces import (
+    DCAEVSpace,
+    LatentSpace,
+    Rounded,
+    WanVAESpace,
+    resize_image,
+)
+from dcvg_wan.model import WanModel
+from dcvg_wan.sampling import (
+    make_noise,
+    resolve_seed,
+    sample,
+    sample_defaults,
+    wan_denoiser,
+)
+
+FPS = 16  # Wan-2.1 generates at 16 fps
+
+
+@dataclass
+class Generation:
+    """A generated video [3, F, H, W] in [-1, 1] with what produced it."""
+
+    video: torch.Tensor
+    latent: torch.Tensor
+    seed: int
+    size: Rounded
+    timings: dict[str, float] = field(default_factory=dict)
+    fps: int = FPS
+
+    def frames_uint8(self) -> torch.Tensor:
+        from dcae_v.io import to_uint8
+
+        return to_uint8(self.video.unsqueeze(0))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """mp4 (H.264 yuv420p crf 18) at 16 fps, written atomically."""
+        from dcae_v.io import write_video
+
+        start = time.perf_counter()
+        write_video(path, self.frames_uint8(), self.fps)
+        self.timings["write"] = time.perf_counter() - start
+        return Path(path)
+
+
+class _Stage:
+    """Times a stage and, with offloading, keeps `module` on the device only inside it."""
+
+    def __init__(self, pipe: WanPipeline, name: str, module, device):
+        self.pipe, self.name, self.module, self.device = pipe, name, module, device
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        if self.module is not None:
+            self.module.to(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.module is not None and self.pipe.offload_model and self.device != torch.device("cpu"):
+            self.module.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        self.pipe.timings[self.name] = time.perf_counter() - self.start
+
+
+class WanPipeline:
+    """Shared machinery of T2V and I2V; use `T2VPipeline` / `I2VPipeline`."""
+
+    i2v = False
+
+    def __init__(
+        self,
+        dit: WanModel,
+        space: LatentSpace,
+        text_encoder,
+        image_encoder=None,
+        *,
+        task: str | None = None,
+        device: str | torch.device = "cpu",
+        offload_model: bool = False,
+        t5_cpu: bool = False,
+        default_negative_prompt: str | None = None,
+    ):
+        """default_negative_prompt: used when a call gives none (None: the official one of the task)."""
+        self.default_negative_prompt = default_negative_prompt
+        self.dit, self.space, self.text_encoder, self.image_encoder = dit, space, text_encoder, image_encoder
+        self.task = task or (dit.preset_names[0] if dit.preset_names else ("i2v-14B" if self.i2v else "t2v-14B"))
+        self.device = torch.device(device)
+        self.offload_model, self.t5_cpu = offload_model, t5_cpu
+        self.timings: dict[str, float] = {}
+        check_compatible(dit, space, i2v=self.i2v)
+        if self.i2v and image_encoder is None:
+            raise InputError("image-to-video needs the CLIP image encoder")
+
+    # ---- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        ckpt_dir: str | os.PathLike | None,
+        *,
+        task: str | None = None,
+        ae: str = "wan-vae",
+        dcae_ckpt: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        offload_model: bool = False,
+        t5_cpu: bool = False,
+        attention: str = "sdpa",
+        frames_per_tile: int | None = None,
+        paths: ComponentPaths | None = None,
+        default_negative_prompt: str | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> WanPipeline:
+        """Load every component from a checkpoint folder (official, diffusers or NVIDIA's
+        DC-VideoGen release; see `dcvg_wan.components`). The DiT and text encoder are cast to
+        `dtype` (official: bf16); the autoencoders and CLIP stay in float32."""
+        from dcvg_wan.image_encoder import ImageEncoder
+        from dcvg_wan.text_encoder import TextEncoder
+        from dcvg_wan.vae import WanVAE
+
+        paths = paths or locate_components(ckpt_dir, i2v=cls.i2v, ae=ae, dcae=dcae_ckpt)
+        say = log or (lambda _msg: None)
+        say(f"loading components:\n{paths.describe()}")
+        home = "cpu" if offload_model else device
+        dit = WanModel.from_pretrained(paths.dit, dtype=dtype, device=home).set_attention_backend(attention)
+        if ae == "wan-vae":
+            space: LatentSpace = WanVAESpace(WanVAE.from_pretrained(paths.vae).to(home).eval(), dit.config.patch)
+        else:
+            from dcae_v import DCAEV
+
+            space = DCAEVSpace(DCAEV.from_pretrained(paths.dcae).to(home).eval(), dit.config.patch, frames_per_tile)
+        text = TextEncoder.from_pretrained(
+            paths.text_encoder, tokenizer_dir=paths.tokenizer, dtype=dtype, device="cpu" if t5_cpu else home
+        )
+        image = ImageEncoder.from_pretrained(paths.image_encoder, device=home) if cls.i2v else None
+        return cls(
+            dit, space, text, image, task=task, device=device, offload_model=offload_model, t5_cpu=t5_cpu,
+            default_negative_prompt=default_negative_prompt,
+        )
+
+    # ---- stages --------------------------------------------------------------------------------
+    def _stage(self, name: str, module=None, device=None) -> _Stage:
+        return _Stage(self, name, module, device or self.device)
+
+    def encode_text(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        t5_device = torch.device("cpu") if self.t5_cpu else self.device
+        with self._stage("text_encoder", self.text_encoder, t5_device):
+            cond, uncond = self.text_encoder.encode([prompt, negative_prompt])
+        return cond[None].to(self.device), uncond[None].to(self.device)
+
+    def _denoise(self, noise, steps, shift, solver, guide_scale, context, context_null, clip_fea, y, progress):
+        # The DiT casts to its weight dtype itself and keeps the official fp32 parts: no autocast.
+        with self._stage("sampling", self.dit), torch.no_grad():
+            return sample(
+                wan_denoiser(self.dit, context, clip_fea, y),
+                noise,
+                steps=steps,
+                shift=shift,
+                solver=solver,
+                guide_scale=guide_scale,
+                uncond_fn=wan_denoiser(self.dit, context_null, clip_fea, y),
+                progress=progress,
+            )
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        with self._stage("decode", self.space.model), torch.no_grad():
+            return self.space.decode(latent.float())
+
+    def _settings(self, size, steps, shift, guide_scale, solver, negative_prompt):
+        defaults = _defaults(self.task, size, self.i2v)
+        return (
+            steps if steps is not None else defaults.steps,
+            shift if shift is not None else defaults.shift,
+            guide_scale if guide_scale is not None else defaults.guide_scale,
+            solver or defaults.solver,
+            negative_prompt or _first_set(self.default_negative_prompt, defaults.negative_prompt),
+        )
+
+    def _noise(self, rounded: Rounded, seed: int) -> torch.Tensor:
+        gen_device = self.device if self.device.type == "cuda" else "cpu"  # CUDA: the official generator
+        return make_noise((1, *self.space.latent_shape(rounded)), seed, device=self.device, generator_device=gen_device)
+
+
+class T2VPipeline(WanPipeline):
+    """Text to video."""
+
+    def __call__(
+        self,
+        prompt: str,
+        *,
+        size: str = "832*480",
+        frame_num: int = 81,
+        steps: int | None = None,
+        shift: float | None = None,
+        guide_scale: float | None = None,
+        solver: str | None = None,
+        seed: int = -1,
+        negative_prompt: str = "",
+        progress: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> Generation:
+        self.timings = {}
+        steps, shift, guide_scale, solver, negative_prompt = self._settings(
+            size, steps, shift, guide_scale, solver, negative_prompt
+        )
+        width, height = parse_size(size)
+        rounded = self.space.round_size(frame_num, height, width)
+        for note in rounded.notes:
+            (log or print)(f"note: {note}")
+        seed = resolve_seed(seed)
+        context, context_null = self.encode_text(prompt, negative_prompt)
+        latent = self._denoise(
+            self._noise(rounded, seed), steps, shift, solver, guide_scale, context, context_null, None, None, progress
+        )
+        video = self.decode(latent)[0]
+        return Generation(video=video, latent=latent, seed=seed, size=rounded, timings=dict(self.timings))
+
+
+class I2VPipeline(WanPipeline):
+    """Image to video; `size` is read as a maximum area, the shape follows the image (official)."""
+
+    i2v = True
+
+    def __call__(
+        self,
+        prompt: str,
+        image: torch.Tensor,
+        *,
+        size: str = "832*480",
+        frame_num: int = 81,
+        steps: int | None = None,
+        shift: float | None = None,
+        guide_scale: float | None = None,
+        solver: str | None = None,
+        seed: int = -1,
+        negative_prompt: str = "",
+        progress: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """image: [3, H, W] or [1, 3, H, W] float in [-1, 1]."""
+        self.timings = {}
+        image = _check_image(image)
+        steps, shift, guide_scale, solver, negative_prompt = self._settings(
+            size, steps, shift, guide_scale, solver, negative_prompt
+        )
+        width, height = parse_size(size)
+        aspect = image.shape[-2] / image.shape[-1]
+        rounded = self.space.area_size(frame_num, width * height, aspect)
+        for note in rounded.notes:
+            (log or print)(f"note: {note}")
+        seed = resolve_seed(seed)
+        context, context_null = self.encode_text(prompt, negative_prompt)
+        with self._stage("image_encoder", self.image_encoder):
+            clip_fea = self.image_encoder.encode(image.to(self.device)).to(self.device)
+        with self._stage("condition", self.space.model), torch.no_grad():
+            resized = resize_image(image.to(self.device), rounded.height, rounded.width)
+            y = self.space.image_condition(resized, rounded.frames)
+        latent = self._denoise(
+            self._noise(rounded, seed), steps, shift, solver, guide_scale, context, context_null, clip_fea, y, progress
+        )
+        video = self.decode(latent)[0]
+        return Generation(video=video, latent=latent, seed=seed, size=rounded, timings=dict(self.timings))
+
+
+# ---- checks ------------------------------------------------------------------------------------
+def check_compatible(dit: WanModel, space: LatentSpace, *, i2v: bool) -> None:
+    """The DiT must take the latent space's channels (+ mask 4 + conditioning latent for I2V)."""
+    cfg, c = dit.config, space.channels
+    expected_in = 2 * c + 4 if i2v else c
+    if cfg.out_dim != c or cfg.in_dim != expected_in:
+        hint = (
+            "a DC-VideoGen DiT (NVIDIA's transformer_t2v/ or transformer_i2v/, or `dcvg-wan adapt` output) with --ae dcae-v"
+            if space.name == "wan-vae"
+            else "a Wan-VAE DiT with --ae wan-vae, or a DiT adapted to this DC-AE-V (`dcvg-wan adapt`)"
+        )
+        raise CheckpointError(
+            f"the DiT takes in_dim={cfg.in_dim}/out_dim={cfg.out_dim} latent channels, but {space.name} "
+            f"{'I2V ' if i2v else ''}needs in_dim={expected_in}/out_dim={c}: use {hint}"
+        )
+    if (cfg.image_dim is not None) != i2v:
+        kind = "an I2V" if cfg.image_dim is not None else "a T2V"
+        raise CheckpointError(f"the DiT is {kind} model; pick the matching --task")
+
+
+def _check_image(image: torch.Tensor) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4) or image.shape[-3] != 3:
+        raise InputError(f"image must be a [3, H, W] or [1, 3, H, W] tensor in [-1, 1], got {getattr(image, 'shape', image)}")
+    image = image if image.ndim == 4 else image[None]
+    if image.shape[0] != 1:
+        raise InputError("one image at a time")
+    if not torch.isfinite(image).all():
+        raise InputError("the image contains NaN/Inf values")
+    return image.float()
+
+
+def _defaults(task: str, size: str, i2v: bool):
+    """Official defaults for the task at this size. A size the official task does not list
+    (allowed here: the latent space rounds it) gets the task's defaults at its default size; a
+    custom DiT (no official task) those of t2v-14B / i2v-14B."""
+    for args in ((task, size), (task,), ("i2v-14B" if i2v else "t2v-14B", size), ("i2v-14B" if i2v else "t2v-14B",)):
+        try:
+            return sample_defaults(*args)
+        except InputError:
+            continue
+    raise AssertionError("unreachable: the last fallback always resolves")
+
+
+def _first_set(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)

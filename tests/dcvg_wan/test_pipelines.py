@@ -1,0 +1,159 @@
+"""T2V/I2V pipelines over the Wan VAE and DC-AE-V: sizes, seeds, conditioning, wiring checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from dcae_v import DCAEV
+from dcvg_wan import WanModel
+from dcvg_wan.errors import CheckpointError, InputError
+from dcvg_wan.latent_spaces import DCAEVSpace, WanVAESpace
+from dcvg_wan.pipelines import I2VPipeline, T2VPipeline, parse_size
+from dcvg_wan.sampling import make_noise, sample, wan_denoiser
+from dcvg_wan.text_encoder import TextEncoder, TextEncoderConfig, build_text_model
+from dcvg_wan.vae import WanVAE
+from tests.dcvg_wan.conftest import randomize_
+
+WORDS = ["a", "red", "blue", "circle", "square", "moving", "left", "right"]
+TEXT_CFG = TextEncoderConfig(vocab_size=len(WORDS) + 3, dim=32, ffn_dim=48, num_heads=4, head_dim=8, num_layers=1,
+                             num_buckets=8, max_distance=16)
+
+
+@pytest.fixture(scope="module")
+def text_encoder(tmp_path_factory) -> TextEncoder:
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    return TextEncoder(build_text_model(TEXT_CFG), fast, text_len=16)
+
+
+def _dit(in_dim: int, out_dim: int, *, i2v: bool = False, patch=(1, 2, 2)) -> WanModel:
+    torch.manual_seed(3)
+    extra = {"image_dim": 16} if i2v else {}
+    model = WanModel.from_preset("debug-t2v", in_dim=in_dim, out_dim=out_dim, patch=patch, **extra)
+    return randomize_(model, 3).eval()
+
+
+class _FakeCLIP:
+    """Stands in for the CLIP encoder: [B, 3, H, W] -> [B, 257, 16] features that depend on the image."""
+
+    def to(self, device):
+        return self
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return image.mean(dim=(1, 2, 3))[:, None, None].expand(-1, 257, 16).contiguous()
+
+
+@pytest.fixture(scope="module")
+def wan_vae() -> WanVAE:
+    torch.manual_seed(1)
+    return randomize_(WanVAE.from_preset("debug"), 1).eval()
+
+
+@pytest.fixture(scope="module")
+def dcae() -> DCAEV:
+    torch.manual_seed(2)
+    return DCAEV.from_preset("debug", chunk_size=4).eval()
+
+
+def test_t2v_on_wan_vae_sizes_and_seeds(text_encoder, wan_vae):
+    pipe = T2VPipeline(_dit(4, 4), WanVAESpace(wan_vae, (1, 2, 2)), text_encoder)
+    notes = []
+    out = pipe("a red circle moving left", size="24*16", frame_num=6, steps=3, seed=7, log=notes.append)
+    assert out.video.shape == (3, 5, 16, 16)  # 6 -> 5 frames (4k+1), 24 -> 16 px (multiple of 16)
+    assert out.latent.shape == (1, 4, 2, 2, 2)
+    assert len(notes) == 2 and "5" in notes[0] and "16*16" in notes[1]
+    assert out.video.abs().max() <= 1
+    again = pipe("a red circle moving left", size="16*16", frame_num=5, steps=3, seed=7)
+    torch.testing.assert_close(again.video, out.video, rtol=0, atol=0)
+    other = pipe("a red circle moving left", size="16*16", frame_num=5, steps=3, seed=8)
+    assert not torch.equal(other.video, out.video)
+    prompt = pipe("a blue square moving right", size="16*16", frame_num=5, steps=3, seed=7)
+    assert not torch.equal(prompt.latent, out.latent)
+    assert set(out.timings) >= {"text_encoder", "sampling", "decode"}
+
+
+def test_t2v_equals_its_stages_composed_by_hand(text_encoder, wan_vae):
+    """The pipeline = text features -> seeded noise -> CFG sampling -> VAE decode, nothing else."""
+    dit, space = _dit(4, 4), WanVAESpace(wan_vae, (1, 2, 2))
+    pipe = T2VPipeline(dit, space, text_encoder)
+    out = pipe("a red circle", size="16*16", frame_num=5, steps=4, seed=3, guide_scale=4.0, negative_prompt="blue")
+    cond, uncond = text_encoder.encode(["a red circle", "blue"])
+    with torch.no_grad():
+        latent = sample(wan_denoiser(dit, cond[None]), make_noise((1, 4, 2, 2, 2), 3), steps=4, shift=5.0,
+                        guide_scale=4.0, uncond_fn=wan_denoiser(dit, uncond[None]))
+        video = wan_vae.decode(latent).clamp(-1, 1)
+    torch.testing.assert_close(out.latent, latent, rtol=0, atol=0)
+    torch.testing.assert_close(out.video, video[0], rtol=0, atol=0)
+
+
+def test_t2v_on_dcae_v(text_encoder, dcae):
+    c = dcae.latent_channels
+    pipe = T2VPipeline(_dit(c, c, patch=(1, 1, 1)), DCAEVSpace(dcae, (1, 1, 1)), text_encoder)
+    out = pipe("a blue square", size="64*32", frame_num=9, steps=2, seed=0, log=lambda _m: None)
+    assert out.video.shape == (3, 8, 32, 64)  # DC-AE-V: multiples of 4 frames, 32 px
+    assert out.latent.shape == (1, c, 2, 1, 2)
+
+
+def test_dcae_v_image_chunk_conditioning(dcae):
+    """Paper 3.4: the image fills the first temporal group (4 copies), black frames after; the mask
+    marks the first latent frame; the conditioning latent is DC-AE-V's latent x scaling_factor."""
+    space = DCAEVSpace(dcae, (1, 1, 1))
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    chunk = space.image_chunk(image, 12)
+    assert chunk.shape == (1, 3, 12, 32, 32)
+    for f in range(4):
+        torch.testing.assert_close(chunk[:, :, f], image, rtol=0, atol=0)
+    assert chunk[:, :, 4:].abs().max() == 0
+    y = space.image_condition(image, 12)
+    assert y.shape == (1, 4 + dcae.latent_channels, 3, 1, 1)
+    assert torch.equal(y[:, :4, 0], torch.ones_like(y[:, :4, 0])) and y[:, :4, 1:].abs().max() == 0
+    with torch.no_grad():
+        expected = dcae.encode(chunk) * dcae.scaling_factor
+    torch.testing.assert_close(y[:, 4:], expected)
+
+
+def test_wan_vae_conditioning_is_the_official_one(wan_vae):
+    """Official I2V: the image then F-1 black frames, VAE-encoded (normalised), after a 4-channel mask."""
+    space = WanVAESpace(wan_vae, (1, 2, 2))
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    chunk = space.image_chunk(image, 9)
+    torch.testing.assert_close(chunk[:, :, 0], image, rtol=0, atol=0)
+    assert chunk[:, :, 1:].abs().max() == 0
+    y = space.image_condition(image, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(y[:, 4:], wan_vae.encode(chunk))
+    assert y[:, :4, 0].min() == 1 and y[:, :4, 1:].abs().max() == 0
+
+
+def test_i2v_on_dcae_v_runs_with_area_sizing(text_encoder, dcae):
+    c = dcae.latent_channels
+    dit = _dit(2 * c + 4, c, i2v=True, patch=(1, 1, 1))
+    pipe = I2VPipeline(dit, DCAEVSpace(dcae, (1, 1, 1)), text_encoder, _FakeCLIP())
+    image = torch.rand(3, 40, 80) * 2 - 1  # aspect h/w = 0.5
+    out = pipe("a red circle", image, size="64*32", frame_num=8, steps=2, seed=1)
+    assert out.video.shape == (3, 8, 32, 64)  # area 2048 at aspect 0.5 -> 64 x 32
+    with pytest.raises(InputError, match="image"):
+        pipe("a red circle", torch.rand(2, 3, 8, 8), size="64*32", frame_num=8, steps=1)
+
+
+def test_mismatched_dit_and_autoencoder_are_explained(text_encoder, wan_vae, dcae):
+    with pytest.raises(CheckpointError, match="dcae-v"):
+        T2VPipeline(_dit(4, 4), DCAEVSpace(dcae, (1, 2, 2)), text_encoder)  # Wan-VAE DiT on DC-AE-V
+    with pytest.raises(CheckpointError, match="in_dim"):
+        I2VPipeline(_dit(4, 4, i2v=True), WanVAESpace(wan_vae, (1, 2, 2)), text_encoder, _FakeCLIP())
+    with pytest.raises(CheckpointError, match="T2V"):
+        I2VPipeline(_dit(12, 4), WanVAESpace(wan_vae, (1, 2, 2)), text_encoder, _FakeCLIP())
+
+
+@pytest.mark.parametrize("bad", ["832x", "0*480", "abc", "832*480*3"])
+def test_bad_size_strings(bad):
+    with pytest.raises(InputError, match="size"):
+        parse_size(bad)
+    assert parse_size("832*480") == (832, 480)
