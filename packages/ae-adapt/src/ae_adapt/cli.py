@@ -1,19 +1,74 @@
-"""`ae-adapt` command line (no commands yet: the package is a skeleton)."""
+"""`ae-adapt`: inspect presets and caches, convert adapters. Training runs through a model
+binding (e.g. `dcvg-wan adapt`) or the library (`ae_adapt.run_all`), since it needs a model."""
+
+from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import sys
 
 from ae_adapt.__about__ import __version__
+from ae_adapt.errors import AdaptError
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from ae_adapt.stages import PRESETS, get_preset
+
+    names = [args.name] if args.name else list(PRESETS)
+    print(json.dumps({n: dataclasses.asdict(get_preset(n)) for n in names}, indent=2))
+    return 0
+
+
+def _cache_info(args: argparse.Namespace) -> int:
+    from ae_adapt.cache import LatentCache
+
+    cache = LatentCache(args.cache_dir)
+    print(json.dumps({**cache.fingerprint(), "text_len": cache.index["text_len"]}, indent=2))
+    return 0
+
+
+def _export_lora(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from ae_adapt.lora_io import convert_peft_adapter
+
+    state = convert_peft_adapter(args.adapter_dir, args.format, strip_prefix=args.strip_prefix)
+    save_file(state, args.out)
+    print(f"wrote {len(state) // 3} LoRA layers ({args.format} keys) to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ae-adapt", description="AE-Adapt-V: move a DiT to a new latent space.")
+    parser.add_argument("--version", action="version", version=f"ae-adapt {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("presets", help="print the stage hyper-parameters (Table 8) of one or all presets")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=_presets)
+    p = sub.add_parser("cache-info", help="print what a latent cache holds and which autoencoders made it")
+    p.add_argument("cache_dir")
+    p.set_defaults(func=_cache_info)
+    p = sub.add_parser("export-lora", help="convert a saved peft adapter to ComfyUI/kohya LoRA keys")
+    p.add_argument("adapter_dir")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors")
+    p.add_argument("--format", choices=("kohya", "comfy"), default="comfy")
+    p.add_argument("--strip-prefix", default="", help='wrapper prefix to drop from layer names (Wan: "dit.")')
+    p.set_defaults(func=_export_lora)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ae-adapt",
-        description="AE-Adapt-V (skeleton: no commands are implemented yet; see the ae-adapt issue).",
-    )
-    parser.add_argument("--version", action="version", version=f"ae-adapt {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (AdaptError, ValueError) as err:
+        print(f"ae-adapt: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

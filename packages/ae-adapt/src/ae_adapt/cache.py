@@ -1,0 +1,159 @@
+"""Paired-latent cache: for each clip, its base-autoencoder latent, its new-autoencoder latent and
+its text embedding, in safetensors shards. Built once, so that neither autoencoder nor the text
+encoder is in memory while the DiT trains.
+
+Layout: `index.json` (format, autoencoder and text-encoder names, shapes, shard list) and
+`shard-00000.safetensors`, ... with keys `<sample index>.<field>` (fields: base, new, context,
+and whatever `extra` adds, e.g. base_y / new_y / clip_fea for image-to-video).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ae_adapt.errors import CacheError, ShapeError
+
+FORMAT = "ae-adapt-latent-cache/1"
+INDEX = "index.json"
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def build_cache(
+    clips: Iterable[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    *,
+    base_encode: Encoder,
+    new_encode: Encoder,
+    text_encode: Callable[[str], torch.Tensor],
+    base_ae: str,
+    new_ae: str,
+    text_encoder: str = "",
+    extra: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None,
+    new_patch: Sequence[int] | None = None,
+    shard_size: int = 256,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Encode every clip ({"video": [3, T, H, W] in [-1, 1], "prompt": str, ...}) with both
+    autoencoders and the text encoder and write the cache. `base_ae`/`new_ae` name the
+    autoencoders (checked when training reads the cache); `new_patch`, when given, is checked
+    against the new latent's shape here rather than hours later."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "base_ae": base_ae, "new_ae": new_ae, "text_encoder": text_encoder}
+    shards, pending, shapes, count, text_len = [], {}, {}, 0, 0
+
+    def flush() -> None:
+        if pending:
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_file(pending, str(out / name), metadata={k: str(v) for k, v in meta.items()})
+            shards.append({"file": name, "count": len({k.split(".")[0] for k in pending})})
+            pending.clear()
+
+    with torch.no_grad():
+        for clip in clips:
+            sample = {
+                "base": base_encode(clip["video"]),
+                "new": new_encode(clip["video"]),
+                "context": text_encode(clip["prompt"]),
+            }
+            sample.update(extra(clip) if extra is not None else {})
+            for field, tensor in sample.items():
+                shape = list(tensor.shape) if field != "context" else list(tensor.shape[1:])
+                if shapes.setdefault(field, shape) != shape:
+                    raise CacheError(
+                        f"clip {count}: {field} has shape {shape}, earlier clips {shapes[field]}; "
+                        "a cache holds one resolution and length: resize the clips or build one "
+                        "cache per resolution"
+                    )
+                pending[f"{count:08d}.{field}"] = tensor.detach().to("cpu", dtype).contiguous().clone()
+            text_len = max(text_len, int(sample["context"].shape[0]))
+            if count == 0 and new_patch is not None:
+                check_tiling(shapes["new"], new_patch)
+            count += 1
+            if count % shard_size == 0:
+                flush()
+    flush()
+    if count == 0:
+        raise CacheError("no clips to cache: the clip source is empty")
+    index = {**meta, "count": count, "shapes": shapes, "text_len": text_len, "shards": shards}
+    tmp = out / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=2))
+    os.replace(tmp, out / INDEX)
+    return out
+
+
+def check_tiling(latent_shape: Sequence[int], patch: Sequence[int]) -> None:
+    """Raise ShapeError unless the latent's (F, H, W) are non-zero multiples of `patch`."""
+    sizes = tuple(int(s) for s in latent_shape[-len(patch) :])
+    if any(s == 0 or s % p for s, p in zip(sizes, patch)):
+        raise ShapeError(
+            f"new latents of frames/height/width {sizes} cannot be tiled by the new patch embedder's "
+            f"patch {tuple(patch)}: pick a clip size whose latent is a multiple of the patch"
+        )
+
+
+class LatentCache:
+    """The cache as a dataset: `cache[i]` -> {"base", "new", "context" (zero-padded to text_len), ...}.
+
+    Passing `base_ae`/`new_ae` (the run's autoencoders) refuses a cache built with others."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        base_ae: str | None = None,
+        new_ae: str | None = None,
+        new_patch: Sequence[int] | None = None,
+    ):
+        self.dir = Path(directory)
+        path = self.dir / INDEX
+        if not path.is_file():
+            raise CacheError(f"{self.dir} is not a latent cache ({INDEX} is missing); build it with build_cache")
+        self.index = json.loads(path.read_text())
+        if self.index.get("format") != FORMAT:
+            raise CacheError(f"{path}: format {self.index.get('format')!r}, expected {FORMAT!r}")
+        for role, want in (("base_ae", base_ae), ("new_ae", new_ae)):
+            if want is not None and self.index[role] != want:
+                raise CacheError(
+                    f"{self.dir} holds latents of {role.replace('_ae', '')} autoencoder "
+                    f"{self.index[role]!r}, but this run uses {want!r}: rebuild the cache with the "
+                    "run's autoencoders or point the run at the matching cache"
+                )
+        if new_patch is not None:
+            check_tiling(self.index["shapes"]["new"], new_patch)
+        self._where = [(s["file"]) for s in self.index["shards"] for _ in range(s["count"])]
+        self._open: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return self.index["count"]
+
+    @property
+    def fields(self) -> list[str]:
+        return list(self.index["shapes"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of a cache with {len(self)}")
+        name = self._where[i]
+        if name not in self._open:
+            self._open[name] = safe_open(str(self.dir / name), framework="pt")
+        shard = self._open[name]
+        sample = {field: shard.get_tensor(f"{i:08d}.{field}") for field in self.fields}
+        ctx = sample["context"]
+        sample["context"] = F.pad(ctx, (0, 0, 0, self.index["text_len"] - ctx.shape[0]))
+        return sample
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a training run depends on (stored in its checkpoints)."""
+        keys = ("base_ae", "new_ae", "text_encoder", "count", "shapes")
+        return {k: self.index[k] for k in keys}

@@ -1,0 +1,247 @@
+"""LoRA through peft: add, save/load in peft format, merge, and export to the ComfyUI/kohya keys.
+
+Export formats (what ComfyUI's LoRA loader accepts for a `diffusion_model.*` weight W of a Linear):
+- "kohya":  `lora_unet_<name with . -> _>.lora_down.weight` [r, in], `.lora_up.weight` [out, r], `.alpha`
+- "comfy":  `diffusion_model.<name>.lora_A.weight` [r, in], `.lora_B.weight` [out, r], `.alpha`
+Both mean W' = W + (alpha / r) * up @ down, the same scale peft uses (`lora_alpha / r`).
+The LoRA applies on top of the *adapted* model (new embedder and head): those are full weights,
+saved next to the adapter (`embedder.safetensors`, `head.safetensors`), not LoRA deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ae_adapt.errors import AdaptError, ProtocolError
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+EXPORT_FORMATS = ("kohya", "comfy")
+
+
+def resolve_targets(model: nn.Module, target_modules: Sequence[str] | None) -> tuple[str, ...]:
+    """The given target module names, else the model's `lora_target_modules()`."""
+    if target_modules:
+        return tuple(target_modules)
+    hook = getattr(model, "lora_target_modules", None)
+    if not callable(hook):
+        raise ProtocolError(
+            f"{type(model).__name__} has no lora_target_modules(): pass target_modules "
+            "(module-name suffixes of the Linear layers to adapt, e.g. ('q', 'k', 'v', 'o'))"
+        )
+    return tuple(hook())
+
+
+def add_lora(
+    model: nn.Module, *, rank: int, alpha: float, target_modules: Sequence[str], dropout: float = 0.0
+) -> nn.Module:
+    """Inject peft LoRA layers in place (B = 0: the model's output is unchanged). The patch
+    embedder and output head never get one: they are trained in full."""
+    exclude = []
+    for getter in ("get_patch_embedder", "get_output_head"):
+        if callable(getattr(model, getter, None)):
+            part = getattr(model, getter)()
+            exclude += [name for name, m in model.named_modules() if any(m is s for s in part.modules())]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        lora_dropout=dropout,
+        exclude_modules=exclude or None,
+    )
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as err:
+        raise AdaptError(
+            f"LoRA targets {list(target_modules)} match no layer of {type(model).__name__}: {err}"
+        ) from err
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(lora_layers(model))
+
+
+def set_lora_trainable(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if "lora_A" in name or "lora_B" in name:
+            p.requires_grad_(True)
+
+
+def _peft_config(model: nn.Module) -> LoraConfig:
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        raise AdaptError(f"{type(model).__name__} has no LoRA adapter to save (run lora_finetune or add_lora first)")
+    return config
+
+
+def _gathered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies, FSDP2 DTensors gathered (a collective: call on every rank)."""
+    out = {}
+    for k, v in state.items():
+        full = getattr(v, "full_tensor", None)
+        out[k] = (full() if callable(full) else v).detach().cpu().contiguous().clone()
+    return out
+
+
+def save_lora(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """peft format (`adapter_config.json`, `adapter_model.safetensors`) + the new embedder/head.
+    Under torchrun call it on every rank (sharded weights are gathered); rank 0 writes."""
+    from ae_adapt.trainer import world
+
+    out = Path(directory)
+    config = _peft_config(model)
+    files = {ADAPTER_WEIGHTS: _gathered(get_peft_model_state_dict(model))}
+    if callable(getattr(model, "get_patch_embedder", None)):
+        files["embedder.safetensors"] = _gathered(model.get_patch_embedder().state_dict())
+        files["head.safetensors"] = _gathered(model.get_output_head().state_dict())
+    if world()[0] == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, state in files.items():
+            save_file(state, str(out / name))
+        (out / ADAPTER_CONFIG).write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    return out
+
+
+def load_lora(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Add the saved adapter to `model` (whose embedder/head already have the new shapes) and load
+    the adapter, embedder and head weights."""
+    src = Path(directory)
+    if not (src / ADAPTER_CONFIG).is_file():
+        raise AdaptError(f"{src} is not a saved adapter: {ADAPTER_CONFIG} is missing")
+    config = LoraConfig.from_pretrained(str(src))
+    if not has_lora(model):
+        inject_adapter_in_model(config, model)
+    result = set_peft_model_state_dict(model, load_file(str(src / ADAPTER_WEIGHTS)))
+    if getattr(result, "unexpected_keys", None):
+        raise AdaptError(f"adapter keys not in the model: {result.unexpected_keys[:5]}")
+    for name, getter in (("embedder", "get_patch_embedder"), ("head", "get_output_head")):
+        if (src / f"{name}.safetensors").is_file() and callable(getattr(model, getter, None)):
+            getattr(model, getter)().load_state_dict(load_file(str(src / f"{name}.safetensors")))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA into its base weight and put the plain layer back (in place)."""
+    for name, layer in list(lora_layers(model).items()):
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
+
+
+def _export_keys(
+    name: str, down: torch.Tensor, up: torch.Tensor, alpha: float, fmt: str, strip_prefix: str
+) -> dict[str, torch.Tensor]:
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown LoRA export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if not name.startswith(strip_prefix):
+        raise AdaptError(f"LoRA layer {name!r} does not start with strip_prefix {strip_prefix!r}")
+    key = name[len(strip_prefix) :]
+    base = f"lora_unet_{key.replace('.', '_')}" if fmt == "kohya" else f"diffusion_model.{key}"
+    names = (".lora_down.weight", ".lora_up.weight") if fmt == "kohya" else (".lora_A.weight", ".lora_B.weight")
+    return {
+        base + names[0]: down.detach().cpu().contiguous(),
+        base + names[1]: up.detach().cpu().contiguous(),
+        base + ".alpha": torch.tensor(float(alpha)),
+    }
+
+
+def export_lora(model: nn.Module, fmt: str = "kohya", *, strip_prefix: str = "") -> dict[str, torch.Tensor]:
+    """The model's LoRA as a ComfyUI-loadable state dict. `strip_prefix` removes a wrapper's
+    prefix so that names match the checkpoint the LoRA is applied to (Wan: "dit.")."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        if "default" in layer.lora_A:
+            out.update(
+                _export_keys(
+                    name,
+                    layer.lora_A["default"].weight,
+                    layer.lora_B["default"].weight,
+                    layer.lora_alpha["default"],
+                    fmt,
+                    strip_prefix,
+                )
+            )
+    return out
+
+
+def convert_peft_adapter(
+    directory: str | os.PathLike, fmt: str = "kohya", *, strip_prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """`export_lora` from a saved peft adapter directory alone (no model needed)."""
+    src = Path(directory)
+    if not (src / ADAPTER_CONFIG).is_file() or not (src / ADAPTER_WEIGHTS).is_file():
+        raise AdaptError(f"{src} is not a saved adapter: {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} are needed")
+    config = json.loads((src / ADAPTER_CONFIG).read_text())
+    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_rslora"):
+        raise AdaptError(f"{src}: per-layer rank/alpha patterns and rsLoRA are not supported by the export")
+    weights = load_file(str(src / ADAPTER_WEIGHTS))
+    out = {}
+    for key in sorted(k for k in weights if k.endswith(".lora_A.weight")):
+        name = key[: -len(".lora_A.weight")]
+        out.update(
+            _export_keys(name, weights[key], weights[f"{name}.lora_B.weight"], config["lora_alpha"], fmt, strip_prefix)
+        )
+    return out
+
+
+def save_export(model: nn.Module, path: str | os.PathLike, fmt: str = "kohya", *, strip_prefix: str = "") -> Path:
+    save_file(export_lora(model, fmt, strip_prefix=strip_prefix), str(path))
+    return Path(path)
+
+
+def apply_exported_lora(
+    model: nn.Module, state: dict[str, torch.Tensor], *, strength: float = 1.0, add_prefix: str = ""
+) -> list[str]:
+    """Merge an exported (kohya or comfy keys) LoRA into `model`'s Linear weights, as ComfyUI does:
+    W += strength * alpha / r * up @ down. Returns the module names changed; unknown keys raise."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    by_key = {}
+    for name in linears:
+        if name.startswith(add_prefix):
+            key = name[len(add_prefix) :]
+            by_key[f"lora_unet_{key.replace('.', '_')}"] = name
+            by_key[f"diffusion_model.{key}"] = name
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        for suffix, role in (
+            (".lora_down.weight", "down"),
+            (".lora_A.weight", "down"),
+            (".lora_up.weight", "up"),
+            (".lora_B.weight", "up"),
+            (".alpha", "alpha"),
+        ):
+            if k.endswith(suffix):
+                groups.setdefault(k[: -len(suffix)], {})[role] = v
+                break
+        else:
+            raise AdaptError(f"unrecognised LoRA key {k!r} (expected kohya lora_down/lora_up or lora_A/lora_B)")
+    changed = []
+    for base, parts in groups.items():
+        if base not in by_key:
+            raise AdaptError(f"LoRA key {base!r} matches no Linear layer of {type(model).__name__}")
+        if "down" not in parts or "up" not in parts:
+            raise AdaptError(f"LoRA {base!r} lacks its down/up (A/B) matrix")
+        layer = linears[by_key[base]]
+        down, up = parts["down"].float(), parts["up"].float()
+        scale = float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0
+        with torch.no_grad():
+            delta = strength * scale * (up @ down)
+            layer.weight.add_(delta.to(layer.weight.device, layer.weight.dtype))
+        changed.append(by_key[base])
+    return changed

@@ -1,0 +1,404 @@
+"""One training loop for every stage: AdamW with linear warm-up, gradient accumulation, bf16
+autocast, gradient checkpointing, FSDP2 under torchrun, atomic checkpoints with exact resume,
+JSONL logs and a tqdm bar.
+
+The loop trains a *task*: an nn.Module whose `forward(batch, generator)` returns the loss (the
+stages build one around the DiT). Wrapping the loss in a forward is what lets FSDP2 gather the
+parameters of the DiT's non-block parts, which the protocol calls outside `DiT.forward`.
+
+Exact resume: data order and noise are functions of (seed, step, micro-batch), not of a running
+RNG, so a checkpoint needs only the trainable weights, the AdamW state, the step and the plateau
+tracker. The same rule makes N processes see the same samples and noise as one process with N
+times the accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ae_adapt.errors import AdaptError, ProtocolError, ResumeError
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+DONE = "done.json"  # written when a stage has finished (its outputs can be restored without training)
+# Fields that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = ("steps", "ckpt_every", "log_every", "progress")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One stage's optimisation. `batch_size` is global (all processes, all accumulation steps)."""
+
+    lr: float
+    steps: int  # optimizer steps
+    batch_size: int
+    warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    max_grad_norm: float | None = None  # not given by the paper: no clipping by default
+    bf16: bool = False  # autocast matmuls to bfloat16 (weights and AdamW state stay fp32)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    ckpt_every: int = 500
+    log_every: int = 10
+    progress: bool = True
+    # Plateau stop (stage 2 "until the diffusion loss converges"): stop when the EMA of the loss
+    # has not improved by a relative `plateau_min_delta` for `plateau_patience` steps.
+    plateau_patience: int | None = None
+    plateau_min_delta: float = 0.0
+    plateau_ema: float = 0.9
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        for name in ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"lr must be > 0, warmup_steps and weight_decay >= 0; got {self.lr}, "
+                f"{self.warmup_steps}, {self.weight_decay}"
+            )
+        if self.plateau_patience is not None and self.plateau_patience < 1:
+            raise ValueError(f"plateau_patience must be positive or None, got {self.plateau_patience}")
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # per optimizer step, this session only
+    stopped_on_plateau: bool = False
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the current process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return world()
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up from lr/warmup to lr over `warmup_steps`, then constant (Table 8)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The RNG of one micro-batch (global index `micro`), independent of history and world size."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 10_007 + micro)
+
+
+def sample_order(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Sample indices start..start+count of an endless stream of seeded permutations of range(n)."""
+    out, epoch, perm = [], None, None
+    for k in range(start, start + count):
+        if k // n != epoch:
+            epoch = k // n
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        out.append(perm[k % n])
+    return out
+
+
+def fully_shard_task(task: nn.Module, units: Sequence[nn.Module]) -> nn.Module:
+    """FSDP2: shard each unit (e.g. each block), then the task as the root."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if any(isinstance(m, FSDPModule) for m in task.modules()):
+        raise AdaptError(
+            "this model was already sharded by an earlier stage in this process: under torchrun run one "
+            "stage per launch (run_all does: launch the same command again to go on with the next stage)"
+        )
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(task)
+    return task
+
+
+class Trainer:
+    """Trains the parameters of `task` that require grad on `dataset`.
+
+    `dataset[i]` returns a dict of tensors; `collate(list_of_dicts)` makes a batch (default:
+    stack). `fingerprint` is any JSON-able description of what else the run depends on (stage,
+    latent shapes, cache identity): a resume with a different one is refused."""
+
+    def __init__(
+        self,
+        task: nn.Module,
+        dataset: Any,
+        cfg: TrainConfig,
+        run_dir: str | os.PathLike,
+        *,
+        stage: str,
+        fingerprint: dict[str, Any] | None = None,
+        collate: Callable[[list[dict]], dict] | None = None,
+        fsdp_units: Sequence[nn.Module] = (),
+        device: torch.device | str | None = None,
+    ):
+        self.cfg, self.stage, self.dataset = cfg, stage, dataset
+        self.run_dir = Path(run_dir)
+        self.fingerprint = json.loads(json.dumps(fingerprint or {}))
+        self.collate = collate or stack_batch
+        self.rank, self.world_size = world()
+        per_micro, rest = divmod(cfg.batch_size, self.world_size * cfg.grad_accum)
+        if rest or per_micro < 1:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} must be a multiple of world size {self.world_size} x "
+                f"grad_accum {cfg.grad_accum}"
+            )
+        self.micro_batch = per_micro
+        if cfg.gradient_checkpointing:
+            hook = getattr(getattr(task, "model", task), "enable_gradient_checkpointing", None)
+            if not callable(hook):
+                raise ProtocolError(
+                    f"gradient_checkpointing needs {type(getattr(task, 'model', task)).__name__}."
+                    "enable_gradient_checkpointing(); the model does not offer it"
+                )
+            hook()
+        self.names = [n for n, p in task.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise ValueError(f"stage {stage!r}: nothing to train (no parameter requires grad)")
+        self.device = torch.device(device) if device is not None else next(task.parameters()).device
+        self.sharded = self.world_size > 1
+        if self.sharded:
+            fully_shard_task(task, fsdp_units)
+        self.task = task
+        params = [p for p in task.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.finished = False
+        self.plateau = {"ema": None, "best": None, "bad": 0}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+            weights = get_model_state_dict(self.task, options=opts)
+            optim = get_optimizer_state_dict(self.task, self.opt, options=opts)
+        else:
+            params = dict(self.task.named_parameters())
+            weights = {n: params[n].detach().cpu().clone() for n in self.names}
+            optim = self.opt.state_dict()
+        return {
+            "format": 1,
+            "stage": self.stage,
+            "config": self.cfg.to_dict(),
+            "fingerprint": self.fingerprint,
+            "trainable": self.names,
+            "world_size": self.world_size,
+            "step": self.step,
+            "finished": self.finished,
+            "plateau": dict(self.plateau),
+            "weights": weights,
+            "optimizer": optim,
+        }
+
+    def save(self) -> None:
+        """Write the checkpoint atomically (temp file, then os.replace) from rank 0."""
+        state = self._state()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.run_dir / f".{CHECKPOINT}.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, self.run_dir / CHECKPOINT)
+        if self.sharded:
+            dist.barrier()
+
+    def resume(self) -> bool:
+        """Load `run_dir/checkpoint.pt` if there is one; refuse one made by another run."""
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self._check_compatible(state, path)
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.task, state["weights"], options=opts)
+            set_optimizer_state_dict(self.task, self.opt, state["optimizer"], options=opts)
+        else:
+            params = dict(self.task.named_parameters())
+            with torch.no_grad():
+                for n in self.names:
+                    params[n].copy_(state["weights"][n])
+            self.opt.load_state_dict(state["optimizer"])
+        self.step, self.finished, self.plateau = state["step"], state["finished"], state["plateau"]
+        return True
+
+    def _check_compatible(self, state: dict[str, Any], path: Path) -> None:
+        old, new = state["config"], self.cfg.to_dict()
+        changed = [
+            f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]
+        ]
+        if state["stage"] != self.stage:
+            changed.insert(0, f"stage: {state['stage']!r} -> {self.stage!r}")
+        if state["fingerprint"] != self.fingerprint:
+            changed.append(f"run inputs: {state['fingerprint']} -> {self.fingerprint}")
+        if state["trainable"] != self.names:
+            changed.append("trainable parameters differ")
+        if state["world_size"] != self.world_size:
+            changed.append(f"world size: {state['world_size']} -> {self.world_size}")
+        if changed:
+            raise ResumeError(
+                f"{path} was written by a different run ({'; '.join(changed)}). Resume with the same settings "
+                f"(only {', '.join(RESUMABLE_CHANGES)} may change) or use a new output directory."
+            )
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self, stop_at: int | None = None) -> TrainResult:
+        """Train up to `cfg.steps` (or `stop_at`, to simulate an interruption), resuming first."""
+        self.resume()
+        result = TrainResult(step=self.step)
+        end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
+        if self.finished:
+            self._mark_done()
+            return result
+        bar = _progress(self.cfg.progress and self.rank == 0, self.step, self.cfg.steps, self.stage)
+        t0 = time.time()
+        while self.step < end:
+            loss = self._one_step()
+            self.step += 1
+            result.losses.append(loss)
+            stop = self._plateau_reached(loss)
+            self.finished = stop or self.step >= self.cfg.steps
+            if self.step % self.cfg.log_every == 0 or self.finished:
+                self._log(
+                    {
+                        "stage": self.stage,
+                        "step": self.step,
+                        "loss": loss,
+                        "lr": lr_at(self.cfg, self.step - 1),
+                        "ema": self.plateau["ema"],
+                        "seconds": round(time.time() - t0, 3),
+                    }
+                )
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4g}")
+            if self.step % self.cfg.ckpt_every == 0 or self.finished:
+                self.save()
+            if stop:
+                result.stopped_on_plateau = True
+                break
+        if bar is not None:
+            bar.close()
+        if not self.finished and self.step % self.cfg.ckpt_every:
+            self.save()
+        if self.finished:
+            self._mark_done()
+        result.step = self.step
+        return result
+
+    def _mark_done(self) -> None:
+        if self.rank == 0:
+            (self.run_dir / DONE).write_text(json.dumps({"stage": self.stage, "step": self.step}))
+
+    def _one_step(self) -> float:
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(cfg, self.step)
+        self.task.train()
+        global_idx = sample_order(len(self.dataset), cfg.seed, self.step * cfg.batch_size, cfg.batch_size)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+        total = torch.zeros((), device=self.device)
+        for m in range(cfg.grad_accum):
+            micro = self.rank * cfg.grad_accum + m
+            idx = global_idx[micro * self.micro_batch : (micro + 1) * self.micro_batch]
+            batch = _to(self.collate([self.dataset[i] for i in idx]), self.device)
+            with autocast:
+                loss = self.task(batch, step_generator(cfg.seed, self.step, micro))
+            (loss / cfg.grad_accum).backward()
+            total += loss.detach().float() / cfg.grad_accum
+        if self.sharded:  # gloo has no AVG
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            total /= self.world_size
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.task.parameters() if p.requires_grad], cfg.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(total)
+
+    def _plateau_reached(self, loss: float) -> bool:
+        cfg, p = self.cfg, self.plateau
+        p["ema"] = loss if p["ema"] is None else cfg.plateau_ema * p["ema"] + (1 - cfg.plateau_ema) * loss
+        if p["best"] is None or p["ema"] < p["best"] * (1 - cfg.plateau_min_delta):
+            p["best"], p["bad"] = p["ema"], 0
+        else:
+            p["bad"] += 1
+        return cfg.plateau_patience is not None and p["bad"] >= cfg.plateau_patience
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def stack_batch(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack per-sample tensors; a key missing from one sample is missing from the batch."""
+    keys = [k for k in samples[0] if all(k in s for s in samples)]
+    return {k: torch.stack([s[k] for s in samples]) for k in keys}
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _progress(enabled: bool, start: int, total: int, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with peft; without it, no bar
+        return None
+    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, leave=False)
+
+
+def read_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / LOG
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "init_distributed", "lr_at", "read_log", "world"]
