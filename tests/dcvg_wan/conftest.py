@@ -68,3 +68,29 @@ def inputs_for():
 @pytest.fixture(scope="session")
 def randomize():
     return randomize_
+
+
+TINY_WORDS = ["a", "red", "blue", "circle", "square", "moving", "left", "right"]
+
+
+def tiny_text_encoder(directory=None, text_len: int = 16):
+    """A word-level tokenizer over TINY_WORDS and a seeded 1-layer umT5 of width 32 (debug DiT's
+    text_dim); saved as `tokenizer/` + `text_encoder/` under `directory` when given."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from dcvg_wan.text_encoder import TextEncoder, TextEncoderConfig, build_text_model
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(TINY_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    cfg = TextEncoderConfig(vocab_size=len(vocab), dim=32, ffn_dim=48, num_heads=4, head_dim=8, num_layers=1,
+                            num_buckets=8, max_distance=16)
+    torch.manual_seed(0)
+    model = build_text_model(cfg)
+    if directory is not None:
+        fast.save_pretrained(directory / "tokenizer")
+        model.save_pretrained(directory / "text_encoder")
+    return TextEncoder(model, fast, text_len=text_len)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
 from dcae_v import DCAEV
 from dcvg_wan import WanModel
@@ -13,24 +11,13 @@ from dcvg_wan.errors import CheckpointError, InputError
 from dcvg_wan.latent_spaces import DCAEVSpace, WanVAESpace
 from dcvg_wan.pipelines import I2VPipeline, T2VPipeline, parse_size
 from dcvg_wan.sampling import make_noise, sample, wan_denoiser
-from dcvg_wan.text_encoder import TextEncoder, TextEncoderConfig, build_text_model
 from dcvg_wan.vae import WanVAE
-from tests.dcvg_wan.conftest import randomize_
-
-WORDS = ["a", "red", "blue", "circle", "square", "moving", "left", "right"]
-TEXT_CFG = TextEncoderConfig(vocab_size=len(WORDS) + 3, dim=32, ffn_dim=48, num_heads=4, head_dim=8, num_layers=1,
-                             num_buckets=8, max_distance=16)
+from tests.dcvg_wan.conftest import randomize_, tiny_text_encoder
 
 
 @pytest.fixture(scope="module")
-def text_encoder(tmp_path_factory) -> TextEncoder:
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    return TextEncoder(build_text_model(TEXT_CFG), fast, text_len=16)
+def text_encoder():
+    return tiny_text_encoder()
 
 
 def _dit(in_dim: int, out_dim: int, *, i2v: bool = False, patch=(1, 2, 2)) -> WanModel:

@@ -147,7 +147,7 @@ def read_weight_file(file: Path) -> dict[str, torch.Tensor]:
             return load_file(str(file))
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for corrupt or foreign pickles
+    except Exception as e:  # noqa: BLE001 -- torch raises many types for corrupt or foreign pickles
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"cannot read {file} with torch.load(weights_only=True): {first_line}") from None
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

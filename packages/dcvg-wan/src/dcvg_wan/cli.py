@@ -3,7 +3,7 @@
 Thin layer: parses arguments, calls the library, turns typed errors into exit codes
 (0 ok, 2 usage, 3 bad input, 4 checkpoint problem, 130 interrupted; an unexpected bug keeps
 Python's traceback and exit code 1). Commands: `generate` (official generate.py flags), `convert`
-(between checkpoint layouts), `cost` (tokens and FLOPs per DiT step).
+(between checkpoint layouts), `cost` (tokens and FLOPs per DiT step), `adapt` (AE-Adapt-V).
 """
 
 from __future__ import annotations
@@ -29,6 +29,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dcvg_wan.generate import run
 
     run(args)
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from ae_adapt.errors import AdaptError
+    from dcvg_wan.adapt_command import run
+
+    try:
+        run(args)
+    except AdaptError as e:  # cache/protocol/resume problems are the user's to fix
+        raise InputError(str(e)) from e
     return 0
 
 
@@ -87,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--preset", default=None, help="architecture to expect (default: from config/shapes)")
     convert.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="cast (default: as stored)")
     convert.set_defaults(func=cmd_convert)
+
+    from dcvg_wan.adapt_command import add_arguments as add_adapt_arguments
+
+    adapt = sub.add_parser(
+        "adapt",
+        help="AE-Adapt-V: move a Wan-2.1 DiT to DC-AE-V latents (cache, 3 stages, LoRA)",
+        description="Build the paired-latent cache from your videos, then align the new patch embedder, the "
+        "output head, and LoRA-finetune end to end (ae-adapt, Table 8 presets). Resumable: rerun the command.",
+    )
+    add_adapt_arguments(adapt)
+    adapt.set_defaults(func=cmd_adapt)
     return parser
 
 

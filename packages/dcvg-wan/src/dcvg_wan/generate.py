@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
                    help="DiT/text-encoder dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--frames_per_tile", type=int, default=None, help="DC-AE-V streaming decode tile (frames)")
+    p.add_argument("--ulysses_size", type=int, default=1, help="sequence-parallel ranks (= torchrun processes)")
+    p.add_argument("--ring_size", type=int, default=1, help="ring attention ranks (not supported: keep 1)")
 
 
 def _bool(text: str) -> bool:
@@ -79,11 +81,16 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def run(args: argparse.Namespace, log=print) -> Path:
+def run(args: argparse.Namespace, log=print) -> Path | None:
     """Load, generate, save; returns the written path."""
     from dcvg_wan.pipelines import I2VPipeline, T2VPipeline
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = _init_distributed(args, device)
+    if world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if device.type == "cuda" else device
+        if rank != 0:
+            log = _silent
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ]
@@ -112,7 +119,7 @@ def run(args: argparse.Namespace, log=print) -> Path:
         args.ckpt_dir, task=None if embedded else task, ae=ae, dcae_ckpt=args.dcae_ckpt, device=device,
         dtype=dtype, offload_model=offload, t5_cpu=args.t5_cpu, attention=args.attention,
         frames_per_tile=args.frames_per_tile, paths=paths, default_negative_prompt=defaults.get("negative_prompt"),
-        log=log,
+        sequence_parallel=world > 1, log=log,
     )
     log(f"loaded in {time.perf_counter() - start:.1f} s")
     prompt = args.prompt or defaults.get("example_prompt") or EXAMPLE_PROMPT["i2v" if i2v else "t2v"]
@@ -124,7 +131,7 @@ def run(args: argparse.Namespace, log=print) -> Path:
         "shift": args.sample_shift if args.sample_shift is not None else defaults.get("shift"),
         "guide_scale": args.sample_guide_scale,
         "solver": args.sample_solver,
-        "seed": args.base_seed,
+        "seed": _shared_seed(args.base_seed, world),
         "negative_prompt": args.negative_prompt or "",
         "progress": True,
         "log": log,
@@ -133,12 +140,53 @@ def run(args: argparse.Namespace, log=print) -> Path:
         result = pipe(prompt, read_image(args.image), **common)
     else:
         result = pipe(prompt, **common)
+    if rank != 0:  # every rank sampled the same latent; rank 0 alone writes it (as official)
+        return None
     save_file = args.save_file or default_save_file(task, result.size.size, prompt)
     result.save(save_file)
     log(f"seed {result.seed}; {result.size.frames} frames of {result.size.size}")
     log("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     log(f"saved {save_file}")
     return Path(save_file)
+
+
+def _silent(_message: str) -> None:
+    return None
+
+
+def _init_distributed(args: argparse.Namespace, device: torch.device) -> tuple[int, int]:
+    """(rank, world): torchrun's processes form the sequence-parallel group (--ulysses_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.ring_size != 1:
+        raise InputError("--ring_size > 1 (ring attention) is not supported; use --ulysses_size")
+    if args.ulysses_size != world:
+        raise InputError(
+            f"--ulysses_size {args.ulysses_size} must equal the number of processes ({world}); launch with "
+            f"torchrun --nproc_per_node {args.ulysses_size} -m dcvg_wan.cli generate ... --ulysses_size {args.ulysses_size}"
+        )
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _shared_seed(seed: int, world: int) -> int:
+    """-1 becomes one random seed, broadcast from rank 0 so that every rank draws the same noise."""
+    from dcvg_wan.sampling import resolve_seed
+
+    seed = resolve_seed(seed)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [seed]
+        dist.broadcast_object_list(box, src=0)
+        seed = box[0]
+    return seed
 
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:

@@ -104,9 +104,13 @@ class WanPipeline:
         offload_model: bool = False,
         t5_cpu: bool = False,
         default_negative_prompt: str | None = None,
+        sequence_parallel: bool = False,
     ):
-        """default_negative_prompt: used when a call gives none (None: the official one of the task)."""
+        """default_negative_prompt: used when a call gives none (None: the official one of the task).
+        sequence_parallel: run the DiT with Ulysses over the default process group (all ranks call
+        the pipeline with the same arguments and seed)."""
         self.default_negative_prompt = default_negative_prompt
+        self.sequence_parallel = sequence_parallel
         self.dit, self.space, self.text_encoder, self.image_encoder = dit, space, text_encoder, image_encoder
         self.task = task or (dit.preset_names[0] if dit.preset_names else ("i2v-14B" if self.i2v else "t2v-14B"))
         self.device = torch.device(device)
@@ -133,6 +137,7 @@ class WanPipeline:
         frames_per_tile: int | None = None,
         paths: ComponentPaths | None = None,
         default_negative_prompt: str | None = None,
+        sequence_parallel: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> WanPipeline:
         """Load every component from a checkpoint folder (official, diffusers or NVIDIA's
@@ -159,7 +164,7 @@ class WanPipeline:
         image = ImageEncoder.from_pretrained(paths.image_encoder, device=home) if cls.i2v else None
         return cls(
             dit, space, text, image, task=task, device=device, offload_model=offload_model, t5_cpu=t5_cpu,
-            default_negative_prompt=default_negative_prompt,
+            default_negative_prompt=default_negative_prompt, sequence_parallel=sequence_parallel,
         )
 
     # ---- stages --------------------------------------------------------------------------------
@@ -176,15 +181,25 @@ class WanPipeline:
         # The DiT casts to its weight dtype itself and keeps the official fp32 parts: no autocast.
         with self._stage("sampling", self.dit), torch.no_grad():
             return sample(
-                wan_denoiser(self.dit, context, clip_fea, y),
+                self._denoiser(context, clip_fea, y),
                 noise,
                 steps=steps,
                 shift=shift,
                 solver=solver,
                 guide_scale=guide_scale,
-                uncond_fn=wan_denoiser(self.dit, context_null, clip_fea, y),
+                uncond_fn=self._denoiser(context_null, clip_fea, y),
                 progress=progress,
             )
+
+    def _denoiser(self, context, clip_fea, y):
+        if not self.sequence_parallel:
+            return wan_denoiser(self.dit, context, clip_fea, y)
+        from dcvg_wan.parallel import sequence_parallel_forward
+
+        def fn(x, t):
+            return sequence_parallel_forward(self.dit, x, t, context, clip_fea, y)
+
+        return fn
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         with self._stage("decode", self.space.model), torch.no_grad():

@@ -1,0 +1,204 @@
+"""`dcvg-wan adapt`: AE-Adapt-V for Wan-2.1 on the user's videos (a thin app).
+
+    dcvg-wan adapt --ckpt_dir Wan2.1-T2V-1.3B --dcae_ckpt dc-ae-v-f32t4c32-1.0-bf16.pt \
+        --data my_videos/ --out adapted/ --size 832*480 --frame_num 81
+
+1. Builds the paired-latent cache once (`OUT/cache`): every clip is encoded by the Wan VAE (the
+   base model's latent space), by DC-AE-V (the new one) and by umT5; for I2V also the first
+   frame's conditioning in both spaces and its CLIP features. Then the encoders are freed.
+2. Runs the three stages of `ae_adapt` (embedder alignment, head alignment, LoRA) with the Table 8
+   preset, resumable: run the same command again after an interruption.
+3. Writes `OUT/model` (loads with `dcvg-wan generate --ae dcae-v --ckpt_dir ...` once the
+   encoders are beside it, or `WanModel.from_pretrained`), `OUT/adapter` (peft) and
+   `OUT/lora_comfy.safetensors`.
+
+Data: a folder of videos, each with a `<name>.txt` prompt beside it, or a `.jsonl` file of
+{"video": path, "prompt": text} lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dcvg_wan.errors import InputError
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt_dir", required=True, help="the base Wan-2.1 checkpoint folder (official or -Diffusers)")
+    p.add_argument("--dcae_ckpt", default=None, help="DC-AE-V checkpoint (default: the one shipped with dcae-v)")
+    p.add_argument("--data", required=True, help="folder of videos with <name>.txt prompts, or a .jsonl list")
+    p.add_argument("--out", required=True, help="output folder (cache, stage checkpoints, adapted model)")
+    p.add_argument("--task", default="t2v-14B", choices=("t2v-1.3B", "t2v-14B", "i2v-14B"))
+    p.add_argument("--size", default="832*480", help="W*H the clips are resized and centre-cropped to")
+    p.add_argument("--frame_num", type=int, default=81, help="frames per clip (4n+1; DC-AE-V takes the first 4n)")
+    p.add_argument("--preset", default=None, help="ae-adapt preset (default wan-14B, or wan-1.3B for t2v-1.3B)")
+    p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="preset overrides, e.g. embedder.steps=100 lora_rank=64")
+
+
+def iter_clips(data: str | os.PathLike, *, frames: int, width: int, height: int) -> Iterator[dict]:
+    """{"video": [3, frames, height, width] in [-1, 1], "prompt": str, "name": str} per listed video."""
+    from dcae_v.errors import DCAEVError
+    from dcae_v.io import read_video, to_model_range
+
+    for path, prompt in list_videos(data):
+        try:
+            video = read_video(path, max_frames=frames)
+        except DCAEVError as err:
+            raise InputError(f"cannot read {path}: {err}") from err
+        if video.frames.shape[0] < frames:
+            raise InputError(f"{path} has {video.frames.shape[0]} frames, fewer than --frame_num {frames}")
+        x = to_model_range(video.frames)[0]  # [3, T, H, W]
+        yield {"video": resize_crop(x, height, width), "prompt": prompt, "name": Path(path).name}
+
+
+def list_videos(data: str | os.PathLike) -> list[tuple[Path, str]]:
+    data = Path(data)
+    if data.is_file() and data.suffix == ".jsonl":
+        items = []
+        for n, line in enumerate(data.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    items.append(((data.parent / row["video"]), str(row["prompt"])))
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise InputError(f"{data}:{n}: expected {{\"video\": path, \"prompt\": text}}, got {line[:80]!r}") from err
+        return items
+    if not data.is_dir():
+        raise InputError(f"--data {data} is neither a folder of videos nor a .jsonl list")
+    videos = sorted(p for p in data.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    if not videos:
+        raise InputError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) in {data}")
+    missing = [v.name for v in videos if not v.with_suffix(".txt").is_file()]
+    if missing:
+        raise InputError(f"these videos have no <name>.txt prompt beside them: {', '.join(missing[:10])}")
+    return [(v, v.with_suffix(".txt").read_text().strip()) for v in videos]
+
+
+def resize_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[3, T, H, W] -> [3, T, height, width]: scale to cover, then centre-crop (area filter)."""
+    _, _, h, w = x.shape
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    y = F.interpolate(x.transpose(0, 1), size=(nh, nw), mode="area" if scale < 1 else "bilinear", align_corners=None
+                      if scale < 1 else False).transpose(0, 1)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return y[:, :, top : top + height, left : left + width].contiguous()
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["embedder.steps=100", "lora_rank=64"] -> {"embedder": {"steps": 100}, "lora_rank": 64} as
+    nested replace() arguments (values parsed as JSON when possible)."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise InputError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _apply_overrides(preset_name: str, overrides: dict) -> dict:
+    """Turn nested overrides into `get_preset` keyword arguments (sub-configs replaced field-wise)."""
+    from ae_adapt import get_preset
+
+    base = get_preset(preset_name)
+    kwargs = {}
+    for key, value in overrides.items():
+        if not hasattr(base, key):
+            raise InputError(f"unknown ae-adapt preset field {key!r}")
+        current = getattr(base, key)
+        if isinstance(value, dict):
+            try:
+                kwargs[key] = current.replace(**value)
+            except TypeError as err:
+                raise InputError(f"bad override for {key}: {err}") from err
+        else:
+            kwargs[key] = tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
+    return kwargs
+
+
+def run(args: argparse.Namespace, log=print):
+    from ae_adapt import build_cache
+    from dcae_v import DCAEV
+    from dcvg_wan.adapt import run_adapt
+    from dcvg_wan.components import locate_components
+    from dcvg_wan.cost import parse_size
+    from dcvg_wan.latent_spaces import DCAEVSpace, WanVAESpace
+    from dcvg_wan.model import WanModel
+    from dcvg_wan.text_encoder import TextEncoder
+    from dcvg_wan.vae import WanVAE
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    i2v = args.task.startswith("i2v")
+    width, height = parse_size(args.size)
+    if (args.frame_num - 1) % 4 or args.frame_num < 5:
+        raise InputError(f"--frame_num must be 4n+1 (>= 5) so that both autoencoders see the same clip, got {args.frame_num}")
+    preset = args.preset or ("wan-1.3B" if args.task == "t2v-1.3B" else "wan-14B")
+    overrides = _apply_overrides(preset, parse_overrides(args.set))
+    paths = locate_components(args.ckpt_dir, i2v=i2v, ae="wan-vae")
+    dcae = DCAEV.from_pretrained(args.dcae_ckpt).to(device).eval()
+    dcae_name = f"dcae-v:{args.dcae_ckpt or 'default'}:{dcae.config.latent_channels}c"
+    out = Path(args.out)
+    cache_dir = out / "cache"
+    if not (cache_dir / "index.json").is_file():
+        log(f"building the latent cache in {cache_dir}")
+        vae = WanVAE.from_pretrained(paths.vae).to(device).eval()
+        text = TextEncoder.from_pretrained(paths.text_encoder, tokenizer_dir=paths.tokenizer, device=device)
+        base, new = WanVAESpace(vae, (1, 2, 2)), DCAEVSpace(dcae, (1, 1, 1))
+        image_encoder = None
+        if i2v:
+            from dcvg_wan.image_encoder import ImageEncoder
+
+            image_encoder = ImageEncoder.from_pretrained(paths.image_encoder, device=device)
+
+        def to(v):
+            return v[None].to(device)
+
+        def extra(clip):
+            if not i2v:
+                return {}
+            first = to(clip["video"][:, 0])
+            return {"base_y": base.image_condition(first, args.frame_num)[0],
+                    "new_y": new.image_condition(first, args.frame_num - 1)[0],
+                    "clip_fea": image_encoder.encode(first)[0]}
+
+        build_cache(
+            iter_clips(args.data, frames=args.frame_num, width=width, height=height),
+            cache_dir,
+            base_encode=lambda v: base.encode(to(v))[0],
+            new_encode=lambda v: new.encode(to(v[:, : args.frame_num - 1]))[0],
+            text_encode=lambda prompt: text.encode([prompt])[0],
+            base_ae="wan-vae",
+            new_ae=dcae_name,
+            extra=extra,
+            new_patch=(1, 1, 1),
+        )
+        del vae, text, image_encoder, base, new
+    model = WanModel.from_pretrained(paths.dit, device=device)
+    result = run_adapt(model, cache_dir, out, base_ae="wan-vae", new_ae=dcae_name,
+                       new_channels=dcae.latent_channels, patch=(1, 1, 1), preset=preset, overrides=overrides)
+    if result is None:
+        log("this launch finished one stage (torchrun: one stage per launch); run the same command again")
+        return None
+    log(f"adapted model: {out / 'model'}; LoRA (peft): {out / 'adapter'}; "
+        f"ComfyUI LoRA: {out / 'lora_comfy.safetensors'}")
+    return result

@@ -1,0 +1,99 @@
+"""`dcvg-wan adapt` end to end on tiny models: cache, three stages, outputs usable by the pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dcae_v import DCAEV
+from dcae_v.io import write_video
+from dcvg_wan import WanModel
+from dcvg_wan.adapt_command import list_videos, parse_overrides, resize_crop
+from dcvg_wan.cli import main
+from dcvg_wan.errors import InputError
+from dcvg_wan.latent_spaces import DCAEVSpace
+from dcvg_wan.pipelines import T2VPipeline
+from dcvg_wan.vae import WanVAE
+from tests.dcvg_wan.conftest import make_model, tiny_text_encoder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapt")
+    ckpt = root / "wan"
+    make_model("debug-t2v").save_pretrained(ckpt / "transformer", layout="diffusers")
+    torch.manual_seed(0)
+    WanVAE.from_preset("debug").save_pretrained(ckpt / "vae")
+    tiny_text_encoder(ckpt)
+    torch.manual_seed(1)
+    DCAEV.from_preset("debug", chunk_size=4).save_pretrained(root / "dcae")
+    data = root / "videos"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i, prompt in enumerate(["a red circle moving left", "a blue square moving right", "a red square"]):
+        frames = np.repeat(rng.integers(0, 255, (1, 40, 48, 3), dtype=np.uint8), 10, axis=0)
+        frames[:, :, : 4 * i + 4] = 255 - frames[:, :, : 4 * i + 4]  # a little difference over time/clips
+        write_video(data / f"clip{i}.mp4", frames, 16)
+        (data / f"clip{i}.txt").write_text(prompt)
+    return root, ckpt, data
+
+
+def test_adapt_end_to_end_and_resume(setup, capsys):
+    root, ckpt, data = setup
+    out = root / "out"
+    argv = ["adapt", "--ckpt_dir", str(ckpt), "--dcae_ckpt", str(root / "dcae"), "--data", str(data),
+            "--out", str(out), "--size", "32*32", "--frame_num", "9", "--preset", "debug",
+            "--set", "embedder.steps=4", "head.steps=4", "lora.steps=2", "resolution=[]"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "cache" / "index.json").is_file()
+    model = WanModel.from_pretrained(out / "model")
+    assert (model.config.in_dim, model.config.out_dim, model.config.patch) == (8, 8, (1, 1, 1))
+    assert (out / "lora_comfy.safetensors").is_file() and (out / "adapter").is_dir()
+    base = WanModel.from_pretrained(ckpt / "transformer")
+    changed = [k for k, v in model.state_dict().items() if k.startswith("blocks.") and not torch.equal(v, base.state_dict()[k])]
+    assert changed, "the LoRA stage (merged) should change block weights"
+    # the adapted DiT runs in the DC-AE-V pipeline
+    dcae = DCAEV.from_pretrained(root / "dcae")
+    pipe = T2VPipeline(model, DCAEVSpace(dcae, (1, 1, 1)), tiny_text_encoder())
+    video = pipe("a red circle", size="32*32", frame_num=8, steps=2, seed=0, negative_prompt="a")
+    assert video.video.shape == (3, 8, 32, 32)
+    # running again resumes: every stage is finished, the outputs are rewritten identically
+    assert main(argv) == 0
+    again = WanModel.from_pretrained(out / "model")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_data_without_prompts_is_refused(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"")
+    with pytest.raises(InputError, match=r"a\.mp4"):
+        list_videos(tmp_path)
+    with pytest.raises(InputError, match="neither a folder"):
+        list_videos(tmp_path / "a.mp4")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no videos"):
+        list_videos(tmp_path / "empty")
+
+
+def test_jsonl_list_and_overrides(tmp_path):
+    (tmp_path / "list.jsonl").write_text('{"video": "x.mp4", "prompt": "a cat"}\n\n')
+    assert list_videos(tmp_path / "list.jsonl") == [(tmp_path / "x.mp4", "a cat")]
+    (tmp_path / "bad.jsonl").write_text('{"video": "x.mp4"}\n')
+    with pytest.raises(InputError, match="bad.jsonl:1"):
+        list_videos(tmp_path / "bad.jsonl")
+    assert parse_overrides(["embedder.steps=10", "lora_rank=8", "name=abc"]) == {
+        "embedder": {"steps": 10}, "lora_rank": 8, "name": "abc"}
+
+
+def test_resize_crop_covers_then_centres():
+    x = torch.arange(2 * 3 * 40 * 80, dtype=torch.float32).reshape(3, 2, 40, 80)
+    y = resize_crop(x, 20, 20)
+    assert y.shape == (3, 2, 20, 20)
+    torch.testing.assert_close(y, torch.nn.functional.avg_pool2d(x.transpose(0, 1), 2).transpose(0, 1)[:, :, :, 10:30])
+
+
+def test_bad_frame_num(setup, tmp_path, capsys):
+    root, ckpt, data = setup
+    code = main(["adapt", "--ckpt_dir", str(ckpt), "--data", str(data), "--out", str(tmp_path), "--frame_num", "8"])
+    assert code == 3 and "4n+1" in capsys.readouterr().err
