@@ -1,7 +1,7 @@
 """Kernel tests run Triton in its interpreter, on CPU.
 
 Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set here, before any test
-can import `dcvg_kernels.conv3d` (the package imports that module only on the first Triton call).
+can import a Triton module of the package (the package imports them only on the first Triton call).
 """
 
 import os
@@ -9,6 +9,7 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-if "dcvg_kernels.conv3d" in sys.modules:
-    raise RuntimeError("dcvg_kernels.conv3d was imported before TRITON_INTERPRET was set: its kernels "
-                       "would not run on CPU")
+TRITON_MODULES = ("dcvg_kernels.conv3d", "dcvg_kernels.conv3d_backward", "dcvg_kernels.flash_attention")
+_early = [m for m in TRITON_MODULES if m in sys.modules]
+if _early:
+    raise RuntimeError(f"{_early} imported before TRITON_INTERPRET was set: their kernels would not run on CPU")

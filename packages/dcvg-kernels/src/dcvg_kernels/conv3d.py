@@ -71,10 +71,9 @@ def _conv3d_fwd(
                 ww = w_o + (l - KW // 2)
                 ok = t_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
                 a_row = x_ptr + (b_o * sxb + s * sxt + hh * sxh + ww * sxw)
-                if HAS_CTX:
-                    if i < SHIFT:  # only taps reaching back can leave the clip
-                        c_row = ctx_ptr + (b_o * scb + (s + CTX_N) * sct + hh * sch + ww * scw)
-                        a_row = tl.where(s >= 0, a_row, c_row)
+                if HAS_CTX and i < SHIFT:  # only taps reaching back can leave the clip
+                    c_row = ctx_ptr + (b_o * scb + (s + CTX_N) * sct + hh * sch + ww * scw)
+                    a_row = tl.where(s >= 0, a_row, c_row)
                 w_tap = ((i * KH + j) * KW + l) * Cin
                 for k0 in range(0, Cin, BLOCK_K):
                     kk = k0 + ks

@@ -71,10 +71,10 @@ def check_conv3d_args(x, weight, bias, *, mode, chunk, context, residual) -> Tem
         raise ValueError("non_causal convolutions cannot stream: they need future frames")
     if mode == "chunk_causal" and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk_causal needs a chunk length >= 1, got {chunk!r}")
-    if context is not None:
-        if context.dim() != 5 or (context.shape[0], context.shape[1]) != (b, cin) or context.shape[3:] != x.shape[3:]:
-            raise ValueError(f"streaming context of shape {tuple(context.shape)} does not fit input "
-                             f"{tuple(x.shape)}: expected [B, Cin, n, H, W]")
+    if context is not None and (
+            context.dim() != 5 or (context.shape[0], context.shape[1]) != (b, cin) or context.shape[3:] != x.shape[3:]):
+        raise ValueError(f"streaming context of shape {tuple(context.shape)} does not fit input "
+                         f"{tuple(x.shape)}: expected [B, Cin, n, H, W]")
     return TemporalPlan(shift=2 * p if mode == "causal" else p,
                         chunk=chunk if mode == "chunk_causal" else 0,
                         use_context=context is not None)
@@ -153,18 +153,31 @@ def _tap_frames(x, context, d, chunk):
     return torch.where(ok.view(1, 1, -1, 1, 1), source.index_select(2, index), 0)
 
 
-def attention_reference(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal softmax attention on [B, L, H, D] tensors, computed in fp32.
+def attention_reference(q, k, v, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal softmax attention on [B, L, H, D] tensors, computed in fp32 (fp64 stays fp64).
 
-    Returns (out [B, Lq, H, D] fp32, lse [B, H, Lq] fp32, natural log of the softmax denominator
-    of the scaled scores): the oracle for the fused attention kernel's output and saved LSE.
+    Returns (out [B, Lq, H, D], lse [B, H, Lq], natural log of the softmax denominator of the
+    scaled scores): the oracle for the fused attention kernel's output and saved LSE.
+    Differentiable (plain torch ops), so its autograd is the oracle for the kernel's backward.
     """
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or (q.shape[0], q.shape[2], q.shape[3]) != (
-            k.shape[0], k.shape[2], k.shape[3]):
-        raise ValueError(f"expected q [B, Lq, H, D] and k, v [B, Lk, H, D], got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    scale = q.shape[-1] ** -0.5
-    scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) * scale
+    check_attention_args(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("blhd,bmhd->bhlm", q.to(dtype), k.to(dtype)) * scale
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.einsum("bhlm,bmhd->blhd", torch.exp(scores - lse.unsqueeze(-1)), v.float())
+    out = torch.einsum("bhlm,bmhd->blhd", torch.exp(scores - lse.unsqueeze(-1)), v.to(dtype))
     return out, lse
+
+
+def check_attention_args(q, k, v) -> None:
+    """Host-side checks shared by the launcher, the fake kernel and the public function."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or (q.shape[0], q.shape[2], q.shape[3]) != (
+            k.shape[0], k.shape[2], k.shape[3]):
+        raise ValueError(f"expected q [B, Lq, H, D] and k, v [B, Lk, H, D] with equal B, H, D; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must share one floating-point dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[1] == 0 and q.shape[1] > 0:
+        raise ValueError("k and v have no rows: softmax over an empty key set is undefined")

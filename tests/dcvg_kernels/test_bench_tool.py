@@ -1,0 +1,36 @@
+"""tools/bench/kernels.py: the layer shapes it times and its CPU/GPU switch (the timing itself
+needs a GPU, or minutes of CPU; see the package README for its output)."""
+
+import pathlib
+import runpy
+
+import pytest
+
+BENCH = pathlib.Path(__file__).parents[2] / "tools" / "bench" / "kernels.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return runpy.run_path(str(BENCH), run_name="bench")
+
+
+def test_decoder_conv_shapes_follow_the_f32t4c32_preset(bench):
+    """720p pads to 736 x 1280 (multiple of 32); stage s of the decoder runs at 1/2^s of it (stage 6,
+    after the 4x temporal upsampling, at stage 5's size), widths from the preset, T/4 at stage 6."""
+    got = [(s["stage"], s["c"], s["t"], s["h"], s["w"], s["chunk"])
+           for s in bench["decoder_conv_shapes"]("f32t4c32", 720, 1280, 8)]
+    assert got == [(1, 256, 8, 368, 640, 40), (2, 512, 8, 184, 320, 40), (3, 512, 8, 92, 160, 40),
+                   (4, 1024, 8, 46, 80, 40), (5, 1024, 8, 23, 40, 40), (6, 1024, 2, 23, 40, 10)]
+    assert bench["decoder_conv_shapes"]("f32t4c32", 2160, 3840, 8)[0]["h"] == 2176 // 2
+
+
+def test_ratio_is_baseline_over_triton(bench):
+    rows = [{"L": 1, "impl": "triton", "fwd_ms": (2.0, 0, 0)}, {"L": 1, "impl": "sdpa", "fwd_ms": (3.0, 0, 0)},
+            {"L": 1, "impl": "broken", "error": "x"}]
+    out = bench["_ratios"](rows, ("fwd_ms",), key="L")
+    assert out[1]["fwd_ratio"] == 1.5 and "fwd_ratio" not in out[2]
+
+
+def test_check_needs_cuda(bench):
+    with pytest.raises(SystemExit):
+        bench["main"](["--device", "cpu", "--check"])
