@@ -1,8 +1,20 @@
-"""Suite-wide settings: one torch thread per xdist worker (2 workers on 2 cores)."""
+"""Suite-wide settings.
+
+* One torch thread per xdist worker (2 workers on 2 cores).
+* Triton runs in its interpreter on machines without CUDA. Triton reads TRITON_INTERPRET when a
+  `@triton.jit` function is decorated, including triton.language's own helpers at `import triton`,
+  so it is set here, before any test module (or a library it imports) can import triton.
+"""
 
 import os
 
-import torch
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)

@@ -19,6 +19,7 @@ from dcae_v.errors import CheckpointError, InputError
 
 DEMO_CLIP = Path(__file__).parent / "assets" / "demo.mp4"
 EXIT_INPUT, EXIT_CHECKPOINT, EXIT_OOM, EXIT_INTERRUPT = 3, 4, 5, 130
+EXIT_DIVERGED = 6  # `train`: NaN/Inf loss
 
 
 def _model_options(p: argparse.ArgumentParser, tiles: bool = True) -> None:
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-heads", help="LPIPS linear heads (lpips weights/v0.1/alex.pth)")
     p.add_argument("--i3d", help="I3D TorchScript detector for FVD (i3d_torchscript.pt)")
     _model_options(p)
+
+    p = sub.add_parser("train", help="train a DC-AE-V (config file + section.field=value overrides; torchrun for multi-GPU)")
+    p.add_argument("--config", help="JSON (or YAML with PyYAML) file with sections model, data, optim, loss, gan, ema, "
+                   "checkpoint, run")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. optim.lr=1e-4 data.frames=16")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     p = sub.add_parser("info", help="describe a checkpoint (layout, preset, parameters, dtype)")
     p.add_argument("checkpoint", nargs="?", help="default: the shipped checkpoint")
@@ -175,7 +183,35 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"reconstruct": cmd_reconstruct, "encode": cmd_encode, "decode": cmd_decode, "eval": cmd_eval, "info": cmd_info}
+def cmd_train(args) -> int:
+    import logging
+    import os
+
+    from dcae_v.train import TrainingDiverged, TrainingOOM, load_config, train
+
+    cfg = load_config(args.config, args.overrides)
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    if main_process or args.print_config:
+        print(cfg, file=sys.stderr)
+    if args.print_config:
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        result = train(cfg, resume=args.resume)
+    except TrainingOOM as e:
+        print(f"dcae-v: out of memory: {e}", file=sys.stderr)
+        return EXIT_OOM
+    except TrainingDiverged as e:
+        print(f"dcae-v: training diverged: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if main_process:
+        print(f"trained to step {result.step}; checkpoint {result.checkpoint}; "
+              f"exports: {', '.join(map(str, result.exports)) or 'none'}")
+    return 0
+
+
+COMMANDS = {"reconstruct": cmd_reconstruct, "encode": cmd_encode, "decode": cmd_decode, "eval": cmd_eval,
+            "train": cmd_train, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,56 @@
+"""Full-state training checkpoints: one file per save, written atomically, the last N kept.
+
+A checkpoint is `torch.save`d to a temp file next to its final name and renamed only when
+complete (`dcae_v.checkpoint.staged_file`), so a crash or kill during a write leaves at most a
+hidden `.step_*.tmp` file, never a truncated `step_*.pt`. Loading tries the newest file first and
+falls back to older ones if a file is unreadable (e.g. damaged on disk).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcae_v.checkpoint import staged_file
+from dcae_v.errors import CheckpointError
+
+log = logging.getLogger("dcae_v.train")
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp files of interrupted writes are ignored)."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_state(directory: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write step_<step>.pt atomically, then delete all but the newest `keep_last` checkpoints."""
+    target = checkpoint_path(directory, step)
+    with staged_file(target) as tmp:
+        torch.save(state, tmp)
+    for old in list_checkpoints(directory)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
+    """(state, path) of the newest readable checkpoint, or None when there is none."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        except Exception as e:  # noqa: BLE001 -- truncated or foreign file: torch raises many types
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, str(e).splitlines()[0])
+    if list_checkpoints(directory):
+        raise CheckpointError(f"no readable checkpoint in {directory}; every step_*.pt failed to load")
+    return None
