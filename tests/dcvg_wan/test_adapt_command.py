@@ -94,6 +94,6 @@ def test_resize_crop_covers_then_centres():
 
 
 def test_bad_frame_num(setup, tmp_path, capsys):
-    root, ckpt, data = setup
+    _root, ckpt, data = setup
     code = main(["adapt", "--ckpt_dir", str(ckpt), "--data", str(data), "--out", str(tmp_path), "--frame_num", "8"])
     assert code == 3 and "4n+1" in capsys.readouterr().err

@@ -29,7 +29,7 @@ def test_forward_is_patch_embed_then_forward_from_embeddings(i2v, inputs_for):
 def test_tokens_are_in_f_h_w_order(t2v, inputs_for):
     x = inputs_for(t2v)["x"]
     with torch.no_grad():
-        tokens, grid = t2v.patch_embed(x)
+        tokens, _grid = t2v.patch_embed(x)
         conv = t2v.patch_embedding(x)  # [B, dim, F', H', W']
     assert torch.equal(tokens[:, 1 * 16 + 2 * 4 + 3], conv[:, :, 1, 2, 3])
 

@@ -14,7 +14,8 @@ from dcvg_wan.layouts.vae_diffusers import from_official as vae_to_diffusers
 from dcvg_wan.pipelines import T2VPipeline
 from dcvg_wan.sampling import make_noise
 from tests.dcvg_wan.test_sampling_pipeline import OfficialSigmasUniPC, twin
-from tests.dcvg_wan.test_vae_parity import diffusers_twin, make_vae
+from tests.dcvg_wan.test_vae import make_vae
+from tests.dcvg_wan.test_vae_parity import diffusers_twin
 
 
 class FixedEmbeddings:

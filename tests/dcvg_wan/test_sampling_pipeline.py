@@ -12,6 +12,7 @@ from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DMode
 from dcvg_wan import WanModel, get_preset
 from dcvg_wan.layouts import to_official
 from dcvg_wan.sampling import make_noise, sample, wan_denoiser
+from tests.dcvg_wan.test_parity_diffusers import diffusers_twin
 
 TOL = 1e-3
 
@@ -27,22 +28,7 @@ class OfficialSigmasUniPC(UniPCMultistepScheduler):
 
 
 def twin(cfg, randomize) -> WanTransformer3DModel:
-    torch.manual_seed(11)
-    ref = WanTransformer3DModel(
-        patch_size=cfg.patch,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim,
-        out_channels=cfg.out_dim,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        cross_attn_norm=cfg.cross_attn_norm,
-        qk_norm="rms_norm_across_heads",
-        eps=cfg.eps,
-    )
-    return randomize(ref, 11).eval()
+    return diffusers_twin(cfg, 11, randomize)
 
 
 @pytest.mark.parametrize("steps,shift,guide", [(6, 5.0, 5.0), (4, 3.0, 1.0)])

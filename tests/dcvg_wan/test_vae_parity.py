@@ -15,6 +15,7 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from dcvg_wan import WanVAE, WanVAEConfig
 from dcvg_wan.layouts import vae_diffusers
+from tests.dcvg_wan.test_vae import make_vae
 
 TOL = 1e-4
 
@@ -24,18 +25,6 @@ CASES = {
     "time-down-early": {"temperal_downsample": (True, True, False)},  # the official class default
     "three-stages": {"dim_mult": (1, 2, 2), "temperal_downsample": (False, True)},  # f4t2
 }
-
-
-def make_vae(seed: int = 0, **overrides) -> WanVAE:
-    torch.manual_seed(seed)
-    vae = WanVAE.from_preset("debug", **overrides).eval().requires_grad_(False)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith(("bias", "proj.weight")):
-                p.copy_(0.2 * torch.randn_like(p))
-    return vae
 
 
 def diffusers_twin(cfg: WanVAEConfig) -> AutoencoderKLWan:

@@ -157,7 +157,11 @@ class WanPipeline:
         else:
             from dcae_v import DCAEV
 
-            space = DCAEVSpace(DCAEV.from_pretrained(paths.dcae).to(home).eval(), dit.config.patch, frames_per_tile)
+            # fp32 on the CPU (the shipped default is stored in fp16, which overflows there); bf16 on
+            # GPUs, as NVIDIA runs its release
+            ae_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+            dcae = DCAEV.from_pretrained(paths.dcae).to(home, ae_dtype).eval()
+            space = DCAEVSpace(dcae, dit.config.patch, frames_per_tile)
         text = TextEncoder.from_pretrained(
             paths.text_encoder, tokenizer_dir=paths.tokenizer, dtype=dtype, device="cpu" if t5_cpu else home
         )
@@ -215,6 +219,20 @@ class WanPipeline:
             negative_prompt or _first_set(self.default_negative_prompt, defaults.negative_prompt),
         )
 
+    def _generate(self, prompt, rounded: Rounded, seed: int, settings, log, progress, condition=None) -> Generation:
+        """The stages after sizing: text, [I2V `condition()` -> (clip_fea, y)], sampling, decode."""
+        steps, shift, guide_scale, solver, negative_prompt = settings
+        for note in rounded.notes:
+            (log or print)(f"note: {note}")
+        seed = resolve_seed(seed)
+        context, context_null = self.encode_text(prompt, negative_prompt)
+        clip_fea, y = condition() if condition is not None else (None, None)
+        latent = self._denoise(
+            self._noise(rounded, seed), steps, shift, solver, guide_scale, context, context_null, clip_fea, y, progress
+        )
+        video = self.decode(latent)[0]
+        return Generation(video=video, latent=latent, seed=seed, size=rounded, timings=dict(self.timings))
+
     def _noise(self, rounded: Rounded, seed: int) -> torch.Tensor:
         gen_device = self.device if self.device.type == "cuda" else "cpu"  # CUDA: the official generator
         return make_noise((1, *self.space.latent_shape(rounded)), seed, device=self.device, generator_device=gen_device)
@@ -239,20 +257,10 @@ class T2VPipeline(WanPipeline):
         log: Callable[[str], None] | None = None,
     ) -> Generation:
         self.timings = {}
-        steps, shift, guide_scale, solver, negative_prompt = self._settings(
-            size, steps, shift, guide_scale, solver, negative_prompt
-        )
+        settings = self._settings(size, steps, shift, guide_scale, solver, negative_prompt)
         width, height = parse_size(size)
         rounded = self.space.round_size(frame_num, height, width)
-        for note in rounded.notes:
-            (log or print)(f"note: {note}")
-        seed = resolve_seed(seed)
-        context, context_null = self.encode_text(prompt, negative_prompt)
-        latent = self._denoise(
-            self._noise(rounded, seed), steps, shift, solver, guide_scale, context, context_null, None, None, progress
-        )
-        video = self.decode(latent)[0]
-        return Generation(video=video, latent=latent, seed=seed, size=rounded, timings=dict(self.timings))
+        return self._generate(prompt, rounded, seed, settings, log, progress)
 
 
 class I2VPipeline(WanPipeline):
@@ -279,26 +287,18 @@ class I2VPipeline(WanPipeline):
         """image: [3, H, W] or [1, 3, H, W] float in [-1, 1]."""
         self.timings = {}
         image = _check_image(image)
-        steps, shift, guide_scale, solver, negative_prompt = self._settings(
-            size, steps, shift, guide_scale, solver, negative_prompt
-        )
+        settings = self._settings(size, steps, shift, guide_scale, solver, negative_prompt)
         width, height = parse_size(size)
-        aspect = image.shape[-2] / image.shape[-1]
-        rounded = self.space.area_size(frame_num, width * height, aspect)
-        for note in rounded.notes:
-            (log or print)(f"note: {note}")
-        seed = resolve_seed(seed)
-        context, context_null = self.encode_text(prompt, negative_prompt)
-        with self._stage("image_encoder", self.image_encoder):
-            clip_fea = self.image_encoder.encode(image.to(self.device)).to(self.device)
-        with self._stage("condition", self.space.model), torch.no_grad():
-            resized = resize_image(image.to(self.device), rounded.height, rounded.width)
-            y = self.space.image_condition(resized, rounded.frames)
-        latent = self._denoise(
-            self._noise(rounded, seed), steps, shift, solver, guide_scale, context, context_null, clip_fea, y, progress
-        )
-        video = self.decode(latent)[0]
-        return Generation(video=video, latent=latent, seed=seed, size=rounded, timings=dict(self.timings))
+        rounded = self.space.area_size(frame_num, width * height, image.shape[-2] / image.shape[-1])
+
+        def condition():
+            with self._stage("image_encoder", self.image_encoder):
+                clip_fea = self.image_encoder.encode(image.to(self.device)).to(self.device)
+            with self._stage("condition", self.space.model), torch.no_grad():
+                resized = resize_image(image.to(self.device), rounded.height, rounded.width)
+                return clip_fea, self.space.image_condition(resized, rounded.frames)
+
+        return self._generate(prompt, rounded, seed, settings, log, progress, condition)
 
 
 # ---- checks ------------------------------------------------------------------------------------
