@@ -80,3 +80,16 @@ def test_dcae_v_wheel_ships_demo_clip_and_default_checkpoint(tmp_path):
                    "dcae_v/assets/dcae-v-tiny-default/config.json", "dcae_v/cli.py"):
         assert needed in names
     assert wheel.stat().st_size < 25 * 2**20
+
+
+@pytest.mark.slow
+def test_dcvg_wan_wheel_ships_the_embedded_demo_model(tmp_path):
+    hatch = _script("hatch")
+    out = subprocess.run([hatch, "build", "-t", "wheel", str(tmp_path)], cwd=ROOT / "packages/dcvg-wan",
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    names = zipfile.ZipFile(next(tmp_path.glob("dcvg_wan-*.whl"))).namelist()
+    for needed in ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+                   "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/tokenizer.json",
+                   "defaults.json"):
+        assert f"dcvg_wan/assets/t2v-tiny/{needed}" in names

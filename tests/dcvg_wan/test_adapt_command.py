@@ -58,6 +58,12 @@ def test_adapt_end_to_end_and_resume(setup, capsys):
     pipe = T2VPipeline(model, DCAEVSpace(dcae, (1, 1, 1)), tiny_text_encoder())
     video = pipe("a red circle", size="32*32", frame_num=8, steps=2, seed=0, negative_prompt="a")
     assert video.video.shape == (3, 8, 32, 32)
+    # ... and through `dcvg-wan generate --dit` on the base checkpoint folder with the adapted DiT
+    mp4 = root / "adapted.mp4"
+    assert main(["generate", "--task", "t2v-1.3B", "--ckpt_dir", str(ckpt), "--ae", "dcae-v", "--dcae_ckpt",
+                 str(root / "dcae"), "--dit", str(out / "model"), "--size", "32*32", "--frame_num", "8",
+                 "--sample_steps", "2", "--prompt", "a red circle", "--save_file", str(mp4)]) == 0
+    assert mp4.is_file()
     # running again resumes: every stage is finished, the outputs are rewritten identically
     assert main(argv) == 0
     again = WanModel.from_pretrained(out / "model")
@@ -95,5 +101,6 @@ def test_resize_crop_covers_then_centres():
 
 def test_bad_frame_num(setup, tmp_path, capsys):
     _root, ckpt, data = setup
-    code = main(["adapt", "--ckpt_dir", str(ckpt), "--data", str(data), "--out", str(tmp_path), "--frame_num", "8"])
+    code = main(["adapt", "--ckpt_dir", str(ckpt), "--dcae_ckpt", "default", "--data", str(data), "--out",
+                 str(tmp_path), "--frame_num", "8"])
     assert code == 3 and "4n+1" in capsys.readouterr().err

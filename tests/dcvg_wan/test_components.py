@@ -77,3 +77,11 @@ def test_not_a_directory_and_unknown_autoencoder(tmp_path):
         locate_components(tmp_path / "missing", i2v=False)
     with pytest.raises(CheckpointError, match="wan-vae or dcae-v"):
         locate_components(tmp_path, i2v=False, ae="sdxl-vae")
+
+
+def test_dcae_default_means_the_shipped_autoencoder(tmp_path):
+    _touch(tmp_path, "config.json", "diffusion_pytorch_model.safetensors", "models_t5_umt5-xxl-enc-bf16.pth",
+           "google/umt5-xxl/")
+    with pytest.raises(CheckpointError, match="--dcae_ckpt default"):
+        locate_components(tmp_path, i2v=False, ae="dcae-v")
+    assert locate_components(tmp_path, i2v=False, ae="dcae-v", dcae="default").dcae is None

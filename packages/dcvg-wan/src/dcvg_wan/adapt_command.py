@@ -34,7 +34,8 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt_dir", required=True, help="the base Wan-2.1 checkpoint folder (official or -Diffusers)")
-    p.add_argument("--dcae_ckpt", default=None, help="DC-AE-V checkpoint (default: the one shipped with dcae-v)")
+    p.add_argument("--dcae_ckpt", required=True,
+                   help="DC-AE-V checkpoint (.pt or folder); `default`: the small one shipped with dcae-v")
     p.add_argument("--data", required=True, help="folder of videos with <name>.txt prompts, or a .jsonl list")
     p.add_argument("--out", required=True, help="output folder (cache, stage checkpoints, adapted model)")
     p.add_argument("--task", default="t2v-14B", choices=("t2v-1.3B", "t2v-14B", "i2v-14B"))
@@ -155,8 +156,9 @@ def run(args: argparse.Namespace, log=print):
     preset = args.preset or ("wan-1.3B" if args.task == "t2v-1.3B" else "wan-14B")
     overrides = _apply_overrides(preset, parse_overrides(args.set))
     paths = locate_components(args.ckpt_dir, i2v=i2v, ae="wan-vae")
-    dcae = DCAEV.from_pretrained(args.dcae_ckpt).to(device).eval()
-    dcae_name = f"dcae-v:{args.dcae_ckpt or 'default'}:{dcae.config.latent_channels}c"
+    shipped = args.dcae_ckpt == "default"
+    dcae = DCAEV.from_pretrained(None if shipped else args.dcae_ckpt).to(device, torch.float32).eval()
+    dcae_name = f"dcae-v:{Path(args.dcae_ckpt).name}:{dcae.config.latent_channels}c"
     out = Path(args.out)
     cache_dir = out / "cache"
     if not (cache_dir / "index.json").is_file():

@@ -98,8 +98,11 @@ def locate_components(
     }
     if ae == "wan-vae":
         found["vae"] = pick(vae, [r / OFFICIAL_VAE, r / "vae"], "Wan VAE")
+    elif str(dcae) == "default":  # the small DC-AE-V that ships inside dcae-v
+        found["dcae"] = None
     else:
-        found["dcae"] = pick(dcae, [r / NVIDIA_DCAE, r / "dcae"], "DC-AE-V checkpoint (--dcae_ckpt)")
+        found["dcae"] = pick(dcae, [r / NVIDIA_DCAE, r / "dcae"], "DC-AE-V checkpoint (--dcae_ckpt PATH, or "
+                             "--dcae_ckpt default for the one shipped with dcae-v)")
     if i2v:
         found["image_encoder"] = pick(image_encoder, [r / OFFICIAL_CLIP, r / "image_encoder"], "CLIP image encoder")
     if looked:

@@ -63,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample_guide_scale", type=float, default=5.0)
     p.add_argument("--ae", default=None, choices=("wan-vae", "dcae-v"),
                    help="latent space: wan-vae (base Wan-2.1) or dcae-v (DC-VideoGen); default wan-vae with --ckpt_dir")
-    p.add_argument("--dcae_ckpt", default=None, help="DC-AE-V checkpoint (.pt or folder) for --ae dcae-v")
+    p.add_argument("--dcae_ckpt", default=None, help="DC-AE-V checkpoint (.pt or folder) for --ae dcae-v; `default`: the one shipped with dcae-v")
+    p.add_argument("--dit", default=None,
+                   help="a DiT folder/file that replaces the one in --ckpt_dir (e.g. `dcvg-wan adapt`'s OUT/model)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "triton"))
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
@@ -115,6 +117,12 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
     offload = args.offload_model if args.offload_model is not None else device.type == "cuda"
     pipe_cls = I2VPipeline if i2v else T2VPipeline
     start = time.perf_counter()
+    if args.dit is not None:
+        if embedded:
+            raise InputError("--dit replaces the DiT of a --ckpt_dir; pass --ckpt_dir too")
+        from dcvg_wan.components import locate_components
+
+        paths = locate_components(args.ckpt_dir, i2v=i2v, ae=ae, dit=args.dit, dcae=args.dcae_ckpt)
     pipe = pipe_cls.from_pretrained(
         args.ckpt_dir, task=None if embedded else task, ae=ae, dcae_ckpt=args.dcae_ckpt, device=device,
         dtype=dtype, offload_model=offload, t5_cpu=args.t5_cpu, attention=args.attention,

@@ -163,7 +163,8 @@ class WanPipeline:
             dcae = DCAEV.from_pretrained(paths.dcae).to(home, ae_dtype).eval()
             space = DCAEVSpace(dcae, dit.config.patch, frames_per_tile)
         text = TextEncoder.from_pretrained(
-            paths.text_encoder, tokenizer_dir=paths.tokenizer, dtype=dtype, device="cpu" if t5_cpu else home
+            paths.text_encoder, tokenizer_dir=paths.tokenizer, dtype=dtype, device="cpu" if t5_cpu else home,
+            text_len=dit.config.text_len,  # prompts longer than the DiT reads are truncated with a warning
         )
         image = ImageEncoder.from_pretrained(paths.image_encoder, device=home) if cls.i2v else None
         return cls(
