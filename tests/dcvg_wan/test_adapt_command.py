@@ -104,3 +104,33 @@ def test_bad_frame_num(setup, tmp_path, capsys):
     code = main(["adapt", "--ckpt_dir", str(ckpt), "--dcae_ckpt", "default", "--data", str(data), "--out",
                  str(tmp_path), "--frame_num", "8"])
     assert code == 3 and "4n+1" in capsys.readouterr().err
+
+
+def test_adapt_i2v_and_generate_with_the_adapted_model(setup, tmp_path, capsys):
+    """I2V: the cache holds both spaces' first-frame conditioning and CLIP features; the adapted
+    DiT takes noise + mask 4 + image chunk (DC-AE-V) channels and runs `generate --image`."""
+    from dcvg_wan.image_encoder import build_image_model
+
+    root, _ckpt, data = setup
+    ckpt = tmp_path / "wan-i2v"
+    make_model("debug-i2v", image_dim=32).save_pretrained(ckpt / "transformer", layout="diffusers")
+    torch.manual_seed(0)
+    WanVAE.from_preset("debug").save_pretrained(ckpt / "vae")
+    tiny_text_encoder(ckpt)
+    torch.manual_seed(2)
+    build_image_model("debug").save_pretrained(ckpt / "image_encoder")
+    out = tmp_path / "out"
+    assert main(["adapt", "--task", "i2v-14B", "--ckpt_dir", str(ckpt), "--dcae_ckpt", str(root / "dcae"),
+                 "--data", str(data), "--out", str(out), "--size", "32*32", "--frame_num", "9", "--preset", "debug",
+                 "--set", "embedder.steps=3", "head.steps=3", "lora.steps=2", "resolution=[]"]) == 0, \
+        capsys.readouterr().err
+    model = WanModel.from_pretrained(out / "model")
+    assert (model.config.in_dim, model.config.out_dim) == (8 + 4 + 8, 8)
+    image = tmp_path / "first.png"
+    write_video(image.with_suffix(".mp4"), np.full((1, 32, 32, 3), 128, np.uint8), 16)
+    mp4 = tmp_path / "i2v.mp4"
+    assert main(["generate", "--task", "i2v-14B", "--ckpt_dir", str(ckpt), "--ae", "dcae-v", "--dcae_ckpt",
+                 str(root / "dcae"), "--dit", str(out / "model"), "--image", str(image.with_suffix(".mp4")),
+                 "--size", "32*32", "--frame_num", "8", "--sample_steps", "2", "--prompt", "a red circle",
+                 "--save_file", str(mp4)]) == 0, capsys.readouterr().err
+    assert mp4.is_file()
