@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
         "solver": args.sample_solver,
         "seed": _shared_seed(args.base_seed, world),
         "negative_prompt": args.negative_prompt or "",
-        "progress": True,
+        "progress": rank == 0,
         "log": log,
     }
     if i2v:

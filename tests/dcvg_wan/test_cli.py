@@ -1,0 +1,108 @@
+"""`dcvg-wan generate` and `dcvg-wan convert` as a user runs them: exit codes, messages, outputs."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from dcvg_wan.checkpoint import load_wan
+from dcvg_wan.cli import main
+from tests.dcvg_wan.conftest import make_inputs, make_model
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_convert_between_all_layouts(tmp_path, capsys):
+    model = make_model("debug-i2v")
+    model.save_pretrained(tmp_path / "official")
+    code, out, _ = _run(capsys, "convert", str(tmp_path / "official"), str(tmp_path / "diffusers"), "--layout", "diffusers")
+    assert code == 0 and "diffusers layout" in out and "debug-i2v" in out
+    assert "condition_embedder" in (tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors").read_bytes()[:20000].decode("latin-1")
+    code, _, _ = _run(capsys, "convert", str(tmp_path / "diffusers"), str(tmp_path / "comfy.safetensors"), "--layout", "comfy")
+    assert code == 0
+    back = load_wan(tmp_path / "comfy.safetensors")
+    inputs = make_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs), model(**inputs), rtol=0, atol=0)
+
+
+def test_convert_reports_a_missing_checkpoint(tmp_path, capsys):
+    code, _, err = _run(capsys, "convert", str(tmp_path / "nothing"), str(tmp_path / "out"), "--layout", "official")
+    assert code == 4 and "does not exist" in err
+
+
+def test_generate_i2v_without_image(tmp_path, capsys):
+    code, _, err = _run(capsys, "generate", "--task", "i2v-14B", "--ckpt_dir", str(tmp_path))
+    assert code == 3 and "--image" in err
+
+
+def test_generate_lists_missing_checkpoint_files(tmp_path, capsys):
+    code, _, err = _run(capsys, "generate", "--task", "t2v-1.3B", "--ckpt_dir", str(tmp_path))
+    assert code == 4
+    for name in ("Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl", str(tmp_path)):
+        assert name in err
+
+
+def test_generate_full_size_task_needs_ckpt_dir(capsys):
+    code, _, err = _run(capsys, "generate", "--task", "t2v-14B")
+    assert code == 3 and "--ckpt_dir" in err
+
+
+def test_generate_unreadable_image(tmp_path, capsys):
+    bad = tmp_path / "photo.png"
+    bad.write_bytes(b"not an image")
+    from dcvg_wan.errors import InputError
+    from dcvg_wan.generate import read_image
+
+    with pytest.raises(InputError, match="cannot read --image"):
+        read_image(bad)
+
+
+def test_generate_with_the_embedded_model(tmp_path, capsys):
+    """No --ckpt_dir: the shipped toy model writes a real mp4 (2 steps to stay fast)."""
+    out_file = tmp_path / "video.mp4"
+    code, out, err = _run(capsys, "generate", "--prompt", "a red circle moving right on a black background",
+                          "--sample_steps", "2", "--frame_num", "16", "--base_seed", "0", "--save_file", str(out_file))
+    assert code == 0, err
+    assert "embedded demo model" in out and "timings" in out and "sampling" in out
+    with av.open(str(out_file)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 16 and frames[0].shape == (128, 128, 3)
+    assert np.std(np.stack(frames)) > 1  # not a blank video
+
+
+def _frames(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_generate_sequence_parallel_two_processes_equals_one(tmp_path, capsys):
+    """torchrun --nproc_per_node 2 ... --ulysses_size 2 (gloo on CPU) writes the 1-process video."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--prompt", "a blue square moving up on a gray background", "--sample_steps", "2", "--frame_num", "8",
+              "--base_seed", "5"]
+    one = tmp_path / "one.mp4"
+    assert main(["generate", *common, "--save_file", str(one)]) == 0
+    two = tmp_path / "two.mp4"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dcvg_wan.cli", "generate", *common, "--ulysses_size", "2", "--save_file", str(two)]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _frames(one).astype(int), _frames(two).astype(int)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= 1
+
+
+def test_generate_ulysses_size_must_match_processes(capsys):
+    code, _, err = _run(capsys, "generate", "--ulysses_size", "2")
+    assert code == 3 and "torchrun --nproc_per_node 2" in err

@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Train the tiny text-to-video model that `dcvg-wan generate` uses when no --ckpt_dir is given.
+
+Same code as Wan-2.1 at toy size, in DC-VideoGen's setting: a Wan DiT with a patch (1,1,1)
+embedder on the latents of the DC-AE-V that ships with dcae-v (tiny-f32t4c64), conditioned on a
+umT5 encoder. Data: `tools/world/captioned.py` scenes ("a red circle moving left on a black
+background"), 32 frames at 128x128, encoded once; the DiT trains on windows of 16 frames
+(4 latent frames). The umT5 encoder is a frozen, seeded random init with a
+word-level tokenizer over the scene vocabulary (a real umT5 needs gigabytes); the DiT learns to
+read its features. 10% of captions are dropped to "" so that classifier-free guidance works.
+
+    python tools/train_wan_default.py encode --clips 1200          # cache DC-AE-V latents
+    python tools/train_wan_default.py train --minutes 40           # train, then export the asset
+    python tools/train_wan_default.py train --minutes 40 --resume  # continue (fresh optimizer, warm-up)
+
+Everything goes to runs/wan_default/; `export` writes packages/dcvg-wan/src/dcvg_wan/assets/t2v-tiny/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools" / "world"))
+import captioned
+
+RUN = ROOT / "runs" / "wan_default"
+ASSET = ROOT / "packages" / "dcvg-wan" / "src" / "dcvg_wan" / "assets" / "t2v-tiny"
+FRAMES, SIZE = 32, 128
+TEXT_LEN = 16
+DIT = {"dim": 128, "ffn_dim": 512, "num_heads": 2, "num_layers": 4, "patch": (1, 1, 1), "text_dim": 64, "text_len": TEXT_LEN}
+TRAIN_FRAMES = 16  # the DiT trains on 4-latent-frame windows (either half of a 32-frame clip)
+TEXT = {"dim": 64, "ffn_dim": 128, "num_heads": 4, "head_dim": 16, "num_layers": 2, "num_buckets": 8, "max_distance": 16}
+SAMPLING = {"size": f"{SIZE}*{SIZE}", "frame_num": TRAIN_FRAMES, "steps": 30, "shift": 3.0, "guide_scale": 5.0,
+            "negative_prompt": "", "example_prompt": "a red circle moving right on a black background"}
+
+
+def build_tokenizer(directory: Path):
+    """A word-level tokenizer over the scene vocabulary, saved like a transformers tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in captioned.vocabulary():
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_text_encoder(directory: Path, vocab_size: int):
+    from dcvg_wan.text_encoder import TextEncoderConfig, build_text_model
+
+    torch.manual_seed(0)
+    model = build_text_model(TextEncoderConfig(vocab_size=vocab_size, **TEXT))
+    model.save_pretrained(directory)
+    return model
+
+
+def encode(args) -> None:
+    from dcae_v import DCAEV
+    from dcae_v.io import to_model_range
+
+    torch.set_num_threads(args.threads)
+    RUN.mkdir(parents=True, exist_ok=True)
+    ae = DCAEV.from_pretrained().eval().float()
+    latents, captions = [], []
+    start = time.time()
+    for i in range(0, args.clips, 8):
+        batch = [captioned.captioned_clip(s, FRAMES, SIZE, SIZE) for s in range(i, min(i + 8, args.clips))]
+        x = torch.cat([to_model_range(clip) for clip, _ in batch])
+        with torch.no_grad():
+            latents.append((ae.encode(x) * ae.scaling_factor).half())
+        captions += [text for _, text in batch]
+        if i % 80 == 0:
+            print(f"encoded {i + len(batch)}/{args.clips} clips in {time.time() - start:.0f} s", flush=True)
+    save_file({"latents": torch.cat(latents).contiguous()}, RUN / "latents.safetensors",
+              metadata={"captions": json.dumps(captions), "scaling_factor": str(ae.scaling_factor)})
+    print(f"wrote {RUN / 'latents.safetensors'} ({len(captions)} clips) in {time.time() - start:.0f} s")
+
+
+def train(args) -> None:
+    from dcvg_wan import WanModel
+    from dcvg_wan.config import WanConfig
+    from dcvg_wan.text_encoder import TextEncoder
+
+    torch.set_num_threads(args.threads)
+    data = load_file(RUN / "latents.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(RUN / "latents.safetensors", "pt") as f:
+        captions = json.loads(f.metadata()["captions"])
+    z = data["latents"].float()
+    print(f"{len(captions)} clips, latent {tuple(z.shape[1:])}, std {z.std():.3f}")
+
+    tok_dir, text_dir = RUN / "tokenizer", RUN / "text_encoder"
+    tokenizer = build_tokenizer(tok_dir)
+    build_text_encoder(text_dir, len(tokenizer))
+    text = TextEncoder.from_pretrained(text_dir, tokenizer_dir=tok_dir, text_len=TEXT_LEN)
+    with torch.no_grad():
+        table = {c: text.encode_padded([c])[0] for c in sorted(set(captions)) + [""]}
+
+    torch.manual_seed(0)
+    cfg = WanConfig(in_dim=z.shape[1], out_dim=z.shape[1], **DIT)
+    model = WanModel(cfg).train()
+    earlier = []  # previous runs continued from (warm restart: weights kept, fresh optimizer and warm-up)
+    if args.resume:
+        model = WanModel.from_pretrained(RUN / "transformer", dtype=torch.float32).train()
+        summary = json.loads((RUN / "train_summary.json").read_text())
+        earlier = summary.get("runs", [summary])
+    print(f"DiT {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(1)
+    deadline = time.time() + 60 * args.minutes
+    step, ema = 0, None
+    while time.time() < deadline and (args.steps is None or step < args.steps):
+        idx = torch.randint(len(captions), (args.batch,), generator=gen)
+        window = TRAIN_FRAMES // 4
+        start = torch.randint(0, z.shape[2] // window, (1,), generator=gen).item() * window
+        x0 = z[idx, :, start : start + window]
+        keep = torch.rand(args.batch, generator=gen) > 0.1
+        ctx = torch.stack([table[captions[i] if k else ""] for i, k in zip(idx.tolist(), keep.tolist())])
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal noise levels
+        s = sigma.view(-1, 1, 1, 1, 1)
+        pred = model((1 - s) * x0 + s * noise, sigma * 1000, ctx)
+        loss = F.mse_loss(pred, noise - x0)
+        lr = args.lr * min(1.0, (step + 1) / 200)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        step += 1
+        if step % 50 == 0:
+            print(f"step {step} loss {ema:.4f}", flush=True)
+            with open(RUN / "train_log.jsonl", "a") as log:
+                log.write(json.dumps({"step": step, "loss": ema, "time": time.time()}) + "\n")
+    model.eval()
+    model.save_pretrained(RUN / "transformer")
+    runs = [*earlier, {"steps": step, "loss": ema, "minutes": args.minutes, "batch": args.batch, "lr": args.lr}]
+    (RUN / "train_summary.json").write_text(json.dumps({"steps": sum(r["steps"] for r in runs), "loss": ema,
+                                                        "minutes": sum(r["minutes"] for r in runs), "runs": runs},
+                                                       indent=2))
+    print(f"trained {step} steps, loss {ema:.4f}")
+    export()
+
+
+def export() -> None:
+    """Copy the trained parts into the dcvg-wan package (fp16 DiT to keep the wheel small)."""
+    from dcvg_wan import WanModel
+
+    if ASSET.exists():
+        shutil.rmtree(ASSET)
+    ASSET.mkdir(parents=True)
+    model = WanModel.from_pretrained(RUN / "transformer")
+    model.save_pretrained(ASSET / "transformer", dtype=torch.float16)
+    shutil.copytree(RUN / "text_encoder", ASSET / "text_encoder")
+    shutil.copytree(RUN / "tokenizer", ASSET / "tokenizer")
+    summary = json.loads((RUN / "train_summary.json").read_text())
+    (ASSET / "defaults.json").write_text(json.dumps({**SAMPLING, "trained": summary}, indent=2) + "\n")
+    print(f"exported to {ASSET}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("encode")
+    e.add_argument("--clips", type=int, default=1200)
+    e.add_argument("--threads", type=int, default=1)
+    t = sub.add_parser("train")
+    t.add_argument("--minutes", type=float, default=40)
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--resume", action="store_true", help="continue from runs/wan_default/transformer")
+    sub.add_parser("export")
+    args = p.parse_args(argv)
+    {"encode": encode, "train": train, "export": lambda _a: export()}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
