@@ -344,6 +344,9 @@ def _save_module(module: nn.Module, path: Path, rank: int) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(state, str(tmp))
         os.replace(tmp, path)
+    # the other ranks may read the file next (restore_new_ends): not before rank 0 has replaced it
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _full_state(module: nn.Module) -> dict[str, torch.Tensor]:
