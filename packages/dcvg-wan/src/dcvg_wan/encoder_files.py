@@ -59,6 +59,30 @@ def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dic
     return dict(sd)
 
 
+def locate_weights(path: Path, *, what: str, subfolder: str, official_file: str, official_dir: str):
+    """(weight files, directory holding a transformers config.json or None) for an encoder given as
+    a weights file, a transformers directory, a diffusers pipeline directory (`subfolder/`) or an
+    official Wan2.1 checkpoint directory (`official_file` inside)."""
+    if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+        return [path], None
+    if path.is_dir():
+        for d in (path, path / subfolder):
+            if is_hf_directory(d):
+                return hf_weight_files(d), d
+        if (path / official_file).is_file():
+            return [path / official_file], None
+    raise not_found(
+        what,
+        path,
+        [
+            f"a weights file ({', '.join(WEIGHT_SUFFIXES)}), e.g. the official {official_file}",
+            "a transformers directory: config.json + model.safetensors (or its index + shards) or pytorch_model.bin",
+            f"the same in the {subfolder}/ subfolder (diffusers pipeline directory)",
+            f"{official_file} inside the directory ({official_dir})",
+        ],
+    )
+
+
 def not_found(what: str, path: Path, looked_for: Iterable[str]) -> CheckpointError:
     """The error for a path that holds none of the files an encoder can load."""
     where = f"in {path}" if path.is_dir() else f"at {path}"

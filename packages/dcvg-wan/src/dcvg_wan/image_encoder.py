@@ -28,12 +28,9 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from dcvg_wan.encoder_files import (
-    WEIGHT_SUFFIXES,
     cast,
-    hf_weight_files,
-    is_hf_directory,
     load_strict,
-    not_found,
+    locate_weights,
     read_weights,
     strip_prefix,
 )
@@ -280,24 +277,8 @@ def load_image_model(
 
 
 def _locate_weights(path: Path) -> tuple[list[Path], Path | None]:
-    if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
-        return [path], None
-    if path.is_dir():
-        for d in (path, path / "image_encoder"):
-            if is_hf_directory(d):
-                return hf_weight_files(d), d
-        if (path / OFFICIAL_FILE).is_file():
-            return [path / OFFICIAL_FILE], None
-    raise not_found(
-        "CLIP image encoder weights",
-        path,
-        [
-            f"a weights file ({', '.join(WEIGHT_SUFFIXES)}), e.g. the official {OFFICIAL_FILE}",
-            "a transformers directory: config.json + model.safetensors (or its index + shards) or pytorch_model.bin",
-            "the same in an image_encoder/ subfolder (diffusers pipeline directory)",
-            f"{OFFICIAL_FILE} inside the directory (official Wan2.1 I2V checkpoint directory)",
-        ],
-    )
+    return locate_weights(path, what="CLIP image encoder weights", subfolder="image_encoder", official_file=OFFICIAL_FILE,
+                          official_dir="official Wan2.1 I2V checkpoint directory")
 
 
 # ---- preprocessing ---------------------------------------------------------------------------

@@ -27,11 +27,8 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from dcvg_wan.encoder_files import (
-    WEIGHT_SUFFIXES,
-    hf_weight_files,
-    is_hf_directory,
     load_strict,
-    not_found,
+    locate_weights,
     read_weights,
     strip_prefix,
 )
@@ -233,25 +230,8 @@ def load_text_model(
 
 
 def _locate_weights(path: Path) -> tuple[list[Path], Path | None]:
-    """(weight files, directory holding a transformers config.json or None)."""
-    if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
-        return [path], None
-    if path.is_dir():
-        for d in (path, path / "text_encoder"):
-            if is_hf_directory(d):
-                return hf_weight_files(d), d
-        if (path / OFFICIAL_FILE).is_file():
-            return [path / OFFICIAL_FILE], None
-    raise not_found(
-        "umT5 text encoder weights",
-        path,
-        [
-            f"a weights file ({', '.join(WEIGHT_SUFFIXES)}), e.g. the official {OFFICIAL_FILE}",
-            "a transformers directory: config.json + model.safetensors (or its index + shards) or pytorch_model.bin",
-            "the same in a text_encoder/ subfolder (diffusers pipeline directory)",
-            f"{OFFICIAL_FILE} inside the directory (official Wan2.1 checkpoint directory)",
-        ],
-    )
+    return locate_weights(path, what="umT5 text encoder weights", subfolder="text_encoder", official_file=OFFICIAL_FILE,
+                          official_dir="official Wan2.1 checkpoint directory")
 
 
 def locate_tokenizer(weights: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
