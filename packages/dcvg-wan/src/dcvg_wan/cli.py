@@ -44,19 +44,15 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
     from dcvg_wan.checkpoint import convert_checkpoint
 
-    dtype = {None: None, "bf16": torch_dtype("bfloat16"), "fp16": torch_dtype("float16"), "fp32": torch_dtype("float32")}
-    model = convert_checkpoint(args.input, args.output, layout=args.layout, preset=args.preset, dtype=dtype[args.dtype])
+    dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    model = convert_checkpoint(args.input, args.output, layout=args.layout, preset=args.preset, dtype=dtype)
     names = ", ".join(model.preset_names) or "custom architecture"
     print(f"wrote {args.output} ({args.layout} layout; {names})")
     return 0
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -130,7 +130,7 @@ class WanVAESpace(LatentSpace):
         return self.model.encode(video)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(latent).clamp(-1, 1)
+        return self.model.decode(latent)  # WanVAE.decode already clamps to [-1, 1]
 
     def image_chunk(self, image: torch.Tensor, frames: int) -> torch.Tensor:
         return self._black_after(image, 1, frames)
