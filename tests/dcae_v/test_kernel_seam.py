@@ -17,6 +17,12 @@ class _FakeCuda:
     """Stands in for a CUDA tensor: select_conv only looks at `is_cuda`."""
 
     is_cuda = True
+    shape = (1, 2, 3, 4, 4)
+    dtype = torch.bfloat16
+    device = "cuda:0"
+
+    def is_contiguous(self, memory_format=None):
+        return True
 
 
 def _fake_kernel(*args, **kwargs):
@@ -26,7 +32,8 @@ def _fake_kernel(*args, **kwargs):
 @pytest.fixture
 def seam(monkeypatch):
     """A clean kernel cache and environment; both are restored afterwards."""
-    monkeypatch.setenv("DCAE_V_KERNELS", "1")  # opt-in while the kernel awaits GPU validation
+    monkeypatch.setenv("DCAE_V_KERNELS", "1")
+    monkeypatch.setattr(kernels, "_decisions", {})
     kernels._triton_conv.cache_clear()
     yield monkeypatch
     kernels._triton_conv.cache_clear()  # runs before monkeypatch puts sys.modules back
@@ -67,18 +74,70 @@ def test_kernel_receives_plain_arguments(seam):
     assert args == (x, w, b) and kw == {"mode": "causal", "chunk": 0, "context": ctx}
 
 
-def test_kernel_is_opt_in_until_gpu_validated(seam):
+def test_default_is_auto_on_cuda(seam):
     _install(seam, chunk_causal_conv3d=_fake_kernel)
     seam.delenv("DCAE_V_KERNELS")
-    assert kernels.select_conv(_FakeCuda()) is conv3d_torch
+    fn = kernels.select_conv(_FakeCuda())
+    assert fn.func is kernels._auto and fn.args == (_fake_kernel,)
 
 
-def test_env_var_forces_torch(seam):
+def test_env_var_forces_torch_or_kernel(seam):
     _install(seam, chunk_causal_conv3d=_fake_kernel)
     seam.setenv("DCAE_V_KERNELS", "0")
     assert kernels.select_conv(_FakeCuda()) is conv3d_torch
     seam.setenv("DCAE_V_KERNELS", "1")
     assert _routes_to(kernels.select_conv(_FakeCuda()), _fake_kernel)
+
+
+def test_bad_env_value_is_a_clear_input_error(seam):
+    from dcae_v.errors import InputError
+
+    _install(seam, chunk_causal_conv3d=_fake_kernel)
+    seam.setenv("DCAE_V_KERNELS", "yes")
+    with pytest.raises(InputError, match="DCAE_V_KERNELS='yes'.*auto.*1.*0"):
+        kernels.select_conv(_FakeCuda())
+
+
+def _timer(times):
+    """A fake timer: runs the candidate once and returns its scripted time."""
+    def timer(fn):
+        return times[fn()]
+    return timer
+
+
+def test_auto_picks_the_faster_path_once_per_signature(seam):
+    calls = []
+    run_kernel = lambda: calls.append("kernel") or "kernel"
+    run_torch = lambda: calls.append("torch") or "torch"
+    assert kernels.decide("a", run_kernel, run_torch, _timer({"kernel": 1.0, "torch": 2.0})) is True
+    assert kernels.decide("b", run_kernel, run_torch, _timer({"kernel": 3.0, "torch": 2.0})) is False
+    assert calls == ["kernel", "torch", "kernel", "torch"]
+    # remembered: no more timing for known signatures, whatever a timer would say now
+    assert kernels.decide("a", run_kernel, run_torch, _timer({"kernel": 9.0, "torch": 1.0})) is True
+    assert kernels.decide("b", run_kernel, run_torch, _timer({"kernel": 0.0, "torch": 1.0})) is False
+    assert len(calls) == 4
+
+
+def test_auto_keeps_torch_with_a_warning_when_the_kernel_fails(seam):
+    def broken():
+        raise RuntimeError("out of shared memory")
+
+    with pytest.warns(RuntimeWarning, match="Triton conv failed.*out of shared memory.*DCAE_V_KERNELS=0"):
+        assert kernels.decide("k", broken, lambda: "torch", lambda fn: fn() and 1.0) is False
+    assert kernels._decisions["k"] is False
+
+
+def test_auto_dispatch_runs_the_decided_path(seam):
+    """_auto on real (CPU) tensors with the timing replaced: the output is the chosen path's."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(1, 2, 4, 5, 5), torch.randn(3, 2, 3, 3, 3), torch.randn(3)
+    rule = TemporalRule("chunk_causal", 2)
+    kernel = lambda *a, **kw: torch.full((1, 3, 4, 5, 5), 7.0)
+    for kernel_ms, expected in ((1.0, torch.full((1, 3, 4, 5, 5), 7.0)), (5.0, conv3d_torch(x, w, b, rule))):
+        seam.setattr(kernels, "_decisions", {})
+        seam.setattr(kernels, "_milliseconds", lambda fn, device, ms=kernel_ms: ms if fn().eq(7).all() else 2.0)
+        assert torch.equal(kernels._auto(kernel, x, w, b, rule), expected)
+        assert list(kernels._decisions) == [kernels.signature(x, w, rule, None)]
 
 
 def test_package_without_the_kernel_falls_back(seam):

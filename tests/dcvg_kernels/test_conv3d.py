@@ -105,6 +105,39 @@ def test_triton_matches_reference_fp32(triton_conv, name, mode, chunk, kw):
     torch.testing.assert_close(y.double(), reference64(case, mode, chunk), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("name, mode, chunk, kw", CASES + [
+    ("chunk-1-long", "chunk_causal", 1, {"t": 5, "ctx": 2}),
+    ("chunk-3-two-full-and-tail-context", "chunk_causal", 3, {"t": 8, "ctx": 1, "residual": True}),
+    ("causal-no-context", "causal", 0, {"t": 2}),
+], ids=[c[0] for c in CASES] + ["chunk-1-long", "chunk-3-two-full-and-tail-context", "causal-no-context"])
+def test_torch_fallback_matches_reference(name, mode, chunk, kw):
+    """The op's non-Triton path (padded windows, one conv) against the per-tap reference, in fp64."""
+    from dcvg_kernels.fallback import conv3d_fallback
+
+    case = double(make_case(**kw))
+    torch.testing.assert_close(run(conv3d_fallback, case, mode, chunk), run(conv3d_reference, case, mode, chunk),
+                               atol=1e-12, rtol=1e-12)
+    cl = {n: v if v is None or v.dim() != 5 else v.contiguous(memory_format=torch.channels_last_3d)
+          for n, v in case.items()}
+    y = run(conv3d_fallback, cl, mode, chunk)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) or y.shape[1] == 1
+
+
+NESTED_K_CASES = {"chunk-context", "causal-context", "k333-two-cin-and-cout-blocks", "residual", "k311-temporal-only"}
+
+
+@pytest.mark.parametrize("name, mode, chunk, kw", [c for c in CASES if c[0] in NESTED_K_CASES],
+                         ids=sorted(NESTED_K_CASES, key=[c[0] for c in CASES].index))
+def test_triton_nested_reduction_loop_matches_reference(triton_conv, monkeypatch, name, mode, chunk, kw):
+    """The kernel's other reduction loop (one short loop per tap; the GPU autotuner may pick it)."""
+    from dcvg_kernels import conv3d
+
+    monkeypatch.setitem(conv3d.INTERPRET_CONFIG, "FLAT_K", False)
+    case = make_case(**kw)
+    torch.testing.assert_close(run(triton_conv, case, mode, chunk).double(), reference64(case, mode, chunk),
+                               **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("name, mode, chunk, kw", [c for c in CASES if c[0] in FP16_CASES],
                          ids=sorted(FP16_CASES, key=[c[0] for c in CASES].index))
 def test_triton_matches_reference_fp16(triton_conv, name, mode, chunk, kw):

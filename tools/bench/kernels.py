@@ -176,6 +176,8 @@ def gpu_conv(resolutions, frames, dtype, device="cuda", timer=gpu_time) -> list[
                         continue
                     rows.append({"kernel": "conv3d", "shape": shape, "impl": name, "rel_err": err, "fwd_ms": ms,
                                  "fwd_tflops": flops / ms[0] / 1e9})
+                    if name == "triton":  # which autotune config (and reduction loop) won for this shape
+                        rows[-1]["config"] = tuned_conv_config()
                 del x, padded, want
             except torch.OutOfMemoryError as e:
                 rows.append({"kernel": "conv3d", "shape": shape, "impl": "all", "error": _first_line(e)})
@@ -286,10 +288,10 @@ def cpu_rows(repeat) -> list[dict]:
         fallback = cpu_time(functools.partial(chunk_causal_conv3d, x, weight, bias, mode="chunk_causal", chunk=chunk,
                                               backend="torch"), repeat)
         baseline = cpu_time(functools.partial(conv3d_torch, x, weight, bias, rule), repeat)
-        err = (conv3d_reference(x, weight, bias, mode="chunk_causal", chunk=chunk)
-               - conv3d_torch(x, weight, bias, TemporalRule("chunk_causal", chunk))).abs().max().item()
+        err = (chunk_causal_conv3d(x, weight, bias, mode="chunk_causal", chunk=chunk, backend="torch")
+               - conv3d_torch(x, weight, bias, rule)).abs().max().item()
         rows.append({"what": f"conv3d fp32 C {c}, {t}x{h}x{w} (stage {s['stage']} at 128x128, C/8)",
-                     "fallback": "op, backend='torch' (per-tap reference)", "fallback_ms": fallback,
+                     "fallback": "op, backend='torch' (padded-window fallback)", "fallback_ms": fallback,
                      "baseline": "dcae-v conv3d_torch (pad + conv)", "baseline_ms": baseline,
                      "ratio": baseline[0] / fallback[0], "max_err": err})
     return rows
@@ -308,6 +310,18 @@ ATTENTION_HEADER = ("| L | impl | fwd ms | fwd TFLOP/s | fwd ratio | fwd+bwd ms 
 CONV_HEADER = "| shape | impl | ms | TFLOP/s | ratio | rel err |\n|---|---|---|---|---|---|"
 
 
+def tuned_conv_config() -> str:
+    """The forward conv autotuner's last pick, e.g. `[128x128x64 w8 s3 flat]`."""
+    from dcvg_kernels import conv3d
+
+    best = getattr(conv3d._conv3d_tuned, "best_config", None)
+    if best is None:
+        return ""
+    kw = best.kwargs
+    loop = "flat" if kw.get("FLAT_K") else "per-tap"
+    return f"[{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{best.num_warps} s{best.num_stages} {loop}]"
+
+
 def print_gpu(rows):
     """Table rows (ratio = baseline time / Triton time; > 1 means Triton is faster)."""
     for r in rows:
@@ -321,7 +335,8 @@ def print_gpu(rows):
         elif "error" in r:
             print(f"| {r['shape']} | {r['impl']} | error: {r['error']} ||||")
         else:
-            print(f"| {r['shape']} | {r['impl']} | {fmt_ms(r['fwd_ms'])} | {r['fwd_tflops']:.0f} | "
+            impl = f"{r['impl']} {r['config']}" if r.get("config") else r["impl"]
+            print(f"| {r['shape']} | {impl} | {fmt_ms(r['fwd_ms'])} | {r['fwd_tflops']:.0f} | "
                   f"{r.get('fwd_ratio', 1.0):.2f} | {r['rel_err']:.1e} |")
 
 

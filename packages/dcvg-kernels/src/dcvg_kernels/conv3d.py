@@ -36,6 +36,7 @@ def _conv3d_fwd(
     UPCAST: tl.constexpr,  # interpreter: multiply in fp32 (its bf16 arithmetic is wrong)
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAT_K: tl.constexpr = False,  # one dynamic loop over taps x Cin blocks (pipelines across taps)
 ):
     # 1D grid, N tiles fastest: programs sharing an A tile run together, and the M tile count
     # (up to ~3e5 at 720p) stays clear of the 65535 limit of grid axes 1 and 2.
@@ -62,29 +63,60 @@ def _conv3d_fwd(
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    for i in tl.static_range(KT):
-        s = t_o + (i - SHIFT)  # input frame of this tap; < 0 means the context
-        t_ok = row_ok & (s < t_end) & (s >= -CTX_N)
-        for j in tl.static_range(KH):
-            hh = h_o + (j - KH // 2)
-            for l in tl.static_range(KW):
-                ww = w_o + (l - KW // 2)
-                ok = t_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                a_row = x_ptr + (b_o * sxb + s * sxt + hh * sxh + ww * sxw)
-                if HAS_CTX and i < SHIFT:  # only taps reaching back can leave the clip
-                    c_row = ctx_ptr + (b_o * scb + (s + CTX_N) * sct + hh * sch + ww * scw)
-                    a_row = tl.where(s >= 0, a_row, c_row)
-                w_tap = ((i * KH + j) * KW + l) * Cin
-                for k0 in range(0, Cin, BLOCK_K):
-                    kk = k0 + ks
-                    k_ok = kk < Cin
-                    a = tl.load(a_row[:, None] + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-                    b = tl.load(w_ptr + (w_tap + kk)[:, None] * Cout + cols[None, :],
-                                mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                    if UPCAST:
-                        a = a.to(tl.float32)
-                        b = b.to(tl.float32)
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if FLAT_K:
+        # The reduction as one loop of KT*KH*KW*cdiv(Cin, BLOCK_K) steps, so that the software
+        # pipeliner overlaps the loads of the next tap with this tap's dot; the nested form below
+        # has one short loop per tap (Cin / BLOCK_K steps), each with its own prologue.
+        nk = tl.cdiv(Cin, BLOCK_K)
+        row_base = b_o * sxb + t_o * sxt + h_o * sxh + w_o * sxw
+        if HAS_CTX:
+            ctx_base = ctx_ptr + (b_o * scb + (t_o + CTX_N) * sct + h_o * sch + w_o * scw)
+        for it in range(KT * KH * KW * nk):
+            tap = it // nk
+            k0 = (it - tap * nk) * BLOCK_K
+            di = tap // (KH * KW) - SHIFT
+            dj = (tap // KW) % KH - KH // 2
+            dl = tap % KW - KW // 2
+            s = t_o + di
+            hh = h_o + dj
+            ww = w_o + dl
+            ok = row_ok & (s < t_end) & (s >= -CTX_N) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            a_row = x_ptr + (row_base + (di * sxt + dj * sxh + dl * sxw))
+            if HAS_CTX:
+                a_row = tl.where(s >= 0, a_row, ctx_base + (di * sct + dj * sch + dl * scw))
+            kk = k0 + ks
+            k_ok = kk < Cin
+            a = tl.load(a_row[:, None] + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + (tap * Cin + kk)[:, None] * Cout + cols[None, :],
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        for i in tl.static_range(KT):
+            s = t_o + (i - SHIFT)  # input frame of this tap; < 0 means the context
+            t_ok = row_ok & (s < t_end) & (s >= -CTX_N)
+            for j in tl.static_range(KH):
+                hh = h_o + (j - KH // 2)
+                for l in tl.static_range(KW):
+                    ww = w_o + (l - KW // 2)
+                    ok = t_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                    a_row = x_ptr + (b_o * sxb + s * sxt + hh * sxh + ww * sxw)
+                    if HAS_CTX and i < SHIFT:  # only taps reaching back can leave the clip
+                        c_row = ctx_ptr + (b_o * scb + (s + CTX_N) * sct + hh * sch + ww * scw)
+                        a_row = tl.where(s >= 0, a_row, c_row)
+                    w_tap = ((i * KH + j) * KW + l) * Cin
+                    for k0 in range(0, Cin, BLOCK_K):
+                        kk = k0 + ks
+                        k_ok = kk < Cin
+                        a = tl.load(a_row[:, None] + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+                        b = tl.load(w_ptr + (w_tap + kk)[:, None] * Cout + cols[None, :],
+                                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                        if UPCAST:
+                            a = a.to(tl.float32)
+                            b = b.to(tl.float32)
+                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -100,16 +132,30 @@ def _conv3d_fwd(
 INTERPRET = isinstance(_conv3d_fwd, InterpretedFunction)
 
 
+# The interpreter cannot benchmark, so it runs one fixed config (small tiles test the masks);
+# tests switch FLAT_K to cover both reduction loops.
+INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT_K": True}
+
+
 def _configs():
-    if INTERPRET:  # one config: the interpreter cannot benchmark, and small tiles test the masks
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16})]
+    if INTERPRET:
+        return [triton.Config(dict(INTERPRET_CONFIG))]
     # Starting points for H100 (kernels.md §3a); every config fits 232 KB of shared memory in fp32.
-    return [
+    # Both reduction loops are offered: autotuning keeps whichever is faster per layer shape.
+    nested = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     ]
+    flat = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "FLAT_K": True}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "FLAT_K": True}, num_warps=4, num_stages=4),
+    ]
+    return nested + flat
 
 
 _conv3d_tuned = triton.autotune(configs=_configs(), key=["Cin", "Cout", "KT", "KH", "KW"])(_conv3d_fwd)
@@ -148,7 +194,8 @@ def conv3d_triton(x, weight, bias, *, mode, chunk=0, context=None, residual=None
     if x.dtype == torch.float32:  # fp32 follows torch's conv policy: tf32 unless disabled
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     grid = lambda meta: (triton.cdiv(out.numel() // cout, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
-    _conv3d_tuned[grid](
+    kernel = _conv3d_fwd[grid] if INTERPRET else _conv3d_tuned[grid]
+    kernel(
         xl, ctx, wk, bias if bias is not None else wk, res, out,
         b * t * h * w, t, h, w, cin, cout, ctx.shape[2] if plan.use_context else 0, max(plan.chunk, 1),
         sx[0], sx[2], sx[3], sx[4],
@@ -158,5 +205,6 @@ def conv3d_triton(x, weight, bias, *, mode, chunk=0, context=None, residual=None
         KT=kt, KH=kh, KW=kw, SHIFT=plan.shift,
         CHUNKED=plan.chunk > 0, HAS_CTX=plan.use_context, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, UPCAST=INTERPRET, PRECISION=precision,
+        **(INTERPRET_CONFIG if INTERPRET else {}),
     )
     return out

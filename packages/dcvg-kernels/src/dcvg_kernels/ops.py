@@ -1,14 +1,15 @@
 """The kernels as torch custom ops, so that eager, autograd and torch.compile see opaque calls.
 
-`dcvg_kernels::chunk_causal_conv3d` runs the Triton kernel or the torch reference, chosen by
+`dcvg_kernels::chunk_causal_conv3d` runs the Triton kernel or the torch fallback, chosen by
 `backend`:
 
 * "auto"   (default) Triton for CUDA fp16/bf16/fp32 inputs when triton is installed; the
-           reference everywhere else (CPU, fp64, no triton).
+           torch fallback everywhere else (CPU, fp64, no triton).
 * "triton" always Triton. On CPU this runs in the Triton interpreter and needs TRITON_INTERPRET=1
            set before the first Triton call (tests set it in their conftest); without it, or
            without triton installed, the call raises instead of silently falling back.
-* "torch"  always the reference.
+* "torch"  always the torch fallback (`fallback.py`: padded windows and one conv3d, equal to the
+           reference).
 
 Gradients come from the backward op `dcvg_kernels::chunk_causal_conv3d_backward`, on the same
 backend as the forward: Triton dgrad/wgrad (`conv3d_backward`), or
@@ -27,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dcvg_kernels.fallback import conv3d_fallback
 from dcvg_kernels.reference import (
     attention_reference,
     check_attention_args,
     check_conv3d_args,
-    conv3d_reference,
     conv3d_reference_backward,
     output_memory_format,
 )
@@ -72,7 +73,7 @@ def use_triton(x: Tensor, backend: str) -> bool:
 @torch.library.custom_op("dcvg_kernels::chunk_causal_conv3d", mutates_args=())
 def _conv_op(x: Tensor, weight: Tensor, bias: Tensor | None, context: Tensor | None,
              residual: Tensor | None, mode: str, chunk: int, backend: str) -> Tensor:
-    fn = _triton_conv() if use_triton(x, backend) else conv3d_reference
+    fn = _triton_conv() if use_triton(x, backend) else conv3d_fallback
     return fn(x, weight, bias, mode=mode, chunk=chunk, context=context, residual=residual)
 
 
