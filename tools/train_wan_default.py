@@ -46,13 +46,14 @@ SAMPLING = {"size": f"{SIZE}*{SIZE}", "frame_num": TRAIN_FRAMES, "steps": 30, "s
 
 def build_tokenizer(directory: Path):
     """A word-level tokenizer over the scene vocabulary, saved like a transformers tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for word in captioned.vocabulary():
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()  # captions are lower case; "A red ..." must read the same
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")

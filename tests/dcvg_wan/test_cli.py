@@ -77,6 +77,36 @@ def test_generate_with_the_embedded_model(tmp_path, capsys):
     assert np.std(np.stack(frames)) > 1  # not a blank video
 
 
+def test_demo_prompt_reads_case_and_punctuation_like_the_captions_and_names_unknown_words():
+    from dcvg_wan.generate import demo_prompt, embedded_default
+
+    paths, defaults = embedded_default()
+    caption = defaults["example_prompt"]
+    assert demo_prompt(caption, paths.tokenizer)[:2] == (caption, [])
+    assert demo_prompt("A Red circle, moving RIGHT on a black background.", paths.tokenizer)[:2] == (caption, [])
+    used, dropped, vocabulary = demo_prompt("A cat chasing a red circle moving right", paths.tokenizer)
+    assert used == "a a red circle moving right" and dropped == ["cat", "chasing"]
+    assert {"red", "circle", "left", "background"} <= set(vocabulary) and "cat" not in vocabulary
+
+
+def test_demo_tokenizer_lowercases_like_the_captions():
+    """Through transformers, as the pipeline loads it: 'A RED' must not become <unk> <unk>."""
+    from transformers import AutoTokenizer
+
+    from dcvg_wan.generate import embedded_default
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_default()[0].tokenizer)
+    assert tokenizer("A RED Circle").input_ids == tokenizer("a red circle").input_ids
+    assert tokenizer.unk_token_id not in tokenizer("a red circle").input_ids
+
+
+def test_generate_says_which_prompt_words_the_demo_model_drops(tmp_path, capsys):
+    code, out, err = _run(capsys, "generate", "--prompt", "A cat walks past a red square", "--sample_steps", "1",
+                          "--frame_num", "8", "--base_seed", "0", "--save_file", str(tmp_path / "v.mp4"))
+    assert code == 0, err
+    assert "dropped from the prompt: cat, walks, past" in out and "prompt used: 'a a red square'" in out
+
+
 def _frames(path) -> np.ndarray:
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

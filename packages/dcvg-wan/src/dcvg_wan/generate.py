@@ -42,6 +42,23 @@ def embedded_default() -> tuple[ComponentPaths, dict]:
     return paths, json.loads((root / "defaults.json").read_text())
 
 
+def demo_prompt(prompt: str, tokenizer_dir: Path) -> tuple[str, list[str], list[str]]:
+    """(the prompt in the demo model's words, the words dropped, its vocabulary). The demo model was trained
+    on captions over a vocabulary of ~20 words; any other word would reach it as <unk>, which it
+    never saw, so such words are dropped, and the CLI says which."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    vocab = {w for w in tokenizer.get_vocab() if not w.startswith("<")}
+    kept, dropped = [], []
+    for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(prompt)):
+        if word in vocab:
+            kept.append(word)
+        elif any(ch.isalnum() for ch in word):  # punctuation goes without a note
+            dropped.append(word)
+    return " ".join(kept), dropped, sorted(vocab)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The official generate.py flags (same names and defaults) plus ours."""
     p.add_argument("--task", default=None, choices=TASKS + (EMBEDDED,),
@@ -131,6 +148,11 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
     )
     log(f"loaded in {time.perf_counter() - start:.1f} s")
     prompt = args.prompt or defaults.get("example_prompt") or EXAMPLE_PROMPT["i2v" if i2v else "t2v"]
+    if embedded:
+        prompt, dropped, vocabulary = demo_prompt(prompt, paths.tokenizer)
+        if dropped:
+            log(f"note: the demo model knows only the words {', '.join(vocabulary)}; dropped from the prompt: "
+                f"{', '.join(dropped)}; prompt used: {prompt!r}")
     size = args.size or defaults.get("size") or ("832*480" if task == "t2v-1.3B" else "1280*720")
     common = {
         "size": size,
