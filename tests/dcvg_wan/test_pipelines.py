@@ -144,3 +144,31 @@ def test_bad_size_strings(bad):
     with pytest.raises(InputError, match="size"):
         parse_size(bad)
     assert parse_size("832*480") == (832, 480)
+
+
+def test_vae_tiling_option_reaches_both_autoencoders(tmp_path, capsys):
+    """from_pretrained(vae_tiling=True) / `generate --vae_tiling`: the Wan VAE gets diffusers' tile
+    defaults, DC-AE-V 256-px tiles; generation runs with it."""
+    from dcae_v import DCAEV
+    from dcvg_wan.cli import main
+    from dcvg_wan.pipelines import DCAEV_TILE, T2VPipeline
+    from dcvg_wan.vae import WanVAE
+    from dcvg_wan.vae_tiling import TileSpec
+    from tests.dcvg_wan.conftest import make_model, tiny_text_encoder
+
+    ckpt = tmp_path / "wan"
+    make_model("debug-t2v").save_pretrained(ckpt / "transformer", layout="diffusers")
+    WanVAE.from_preset("debug").save_pretrained(ckpt / "vae")
+    tiny_text_encoder(ckpt)
+    pipe = T2VPipeline.from_pretrained(ckpt, task="t2v-1.3B", dtype=torch.float32, vae_tiling=True)
+    assert pipe.space.model.tiling == TileSpec(256, 256, 192, 192)
+    assert T2VPipeline.from_pretrained(ckpt, task="t2v-1.3B", dtype=torch.float32).space.model.tiling is None
+    DCAEV.from_preset("debug", chunk_size=4, latent_channels=4).save_pretrained(tmp_path / "dcae")
+    dc = T2VPipeline.from_pretrained(ckpt, task="t2v-1.3B", ae="dcae-v", dcae_ckpt=tmp_path / "dcae",
+                                     dtype=torch.float32, vae_tiling=True)
+    assert dc.space.tile_size == DCAEV_TILE
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--task", "t2v-1.3B", "--ckpt_dir", str(ckpt), "--size", "32*32", "--frame_num", "5",
+                 "--sample_steps", "1", "--prompt", "a red circle", "--vae_tiling", "--save_file", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert out.is_file()

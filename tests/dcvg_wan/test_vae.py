@@ -205,3 +205,30 @@ def test_bad_video_raises_input_error(vae, x, match):
 def test_bad_latent_raises_input_error(vae, z, match):
     with pytest.raises(InputError, match=match):
         vae.decode(z)
+
+
+# ---- spatial tiling ------------------------------------------------------------------------
+def test_tiled_decode_streams_and_equals_the_whole_tiled_decode(vae):
+    """decode_frames with tiling yields per latent frame what decode returns at once, and small
+    frames (not larger than a tile) are not tiled at all."""
+    z = torch.randn(1, vae.latent_channels, 3, 5, 9, generator=torch.Generator().manual_seed(4))
+    plain = vae.decode(z)
+    small = z[..., :2, :2]  # 16 x 16 px: not larger than a tile
+    small_plain = vae.decode(small)
+    vae.enable_tiling(16, 16, 8, 8)
+    try:
+        whole = vae.decode(z)
+        pieces = list(vae.decode_frames(z))
+        assert [p.shape[2] for p in pieces] == [1, 4, 4]
+        torch.testing.assert_close(torch.cat(pieces, 2), whole, atol=0, rtol=0)
+        assert whole.shape == plain.shape and not torch.equal(whole, plain)
+        torch.testing.assert_close(vae.decode(small), small_plain, atol=0, rtol=0)
+    finally:
+        vae.disable_tiling()
+
+
+@pytest.mark.parametrize("tiles, match", [((12, 16, 8, 8), "multiple of 8"), ((16, 16, 24, 8), "must not exceed")])
+def test_bad_tiles_raise_input_error(vae, tiles, match):
+    with pytest.raises(InputError, match=match):
+        vae.enable_tiling(*tiles)
+    assert vae.tiling is None

@@ -88,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
                    help="DiT/text-encoder dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--frames_per_tile", type=int, default=None, help="DC-AE-V streaming decode tile (frames)")
+    p.add_argument("--vae_tiling", action="store_true",
+                   help="decode in overlapping 256-px spatial tiles (Wan VAE: as diffusers' vae.enable_tiling()); "
+                        "less memory at 720p and above, slightly different pixels")
     p.add_argument("--ulysses_size", type=int, default=1, help="sequence-parallel ranks (= torchrun processes)")
     p.add_argument("--ring_size", type=int, default=1, help="ring attention ranks (not supported: keep 1)")
 
@@ -143,7 +146,8 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
     pipe = pipe_cls.from_pretrained(
         args.ckpt_dir, task=None if embedded else task, ae=ae, dcae_ckpt=args.dcae_ckpt, device=device,
         dtype=dtype, offload_model=offload, t5_cpu=args.t5_cpu, attention=args.attention,
-        frames_per_tile=args.frames_per_tile, paths=paths, default_negative_prompt=defaults.get("negative_prompt"),
+        frames_per_tile=args.frames_per_tile, vae_tiling=args.vae_tiling, paths=paths,
+        default_negative_prompt=defaults.get("negative_prompt"),
         sequence_parallel=world > 1, log=log,
     )
     log(f"loaded in {time.perf_counter() - start:.1f} s")

@@ -141,11 +141,13 @@ class DCAEVSpace(LatentSpace):
     spatial = 32
     frame_rule = "a multiple of 4 frames"
 
-    def __init__(self, model: torch.nn.Module, patch: tuple[int, int, int], frames_per_tile: int | None = None):
+    def __init__(self, model: torch.nn.Module, patch: tuple[int, int, int], frames_per_tile: int | None = None,
+                 tile_size: int | None = None):
         super().__init__(model, patch)
         self.spatial = model.spatial_compression
         self.temporal = model.temporal_compression
         self.frames_per_tile = frames_per_tile
+        self.tile_size = tile_size  # spatial tiles in pixels (DCAEV.encode/decode tile_size)
 
     def valid_frames(self, frames: int) -> int:
         return max(self.temporal, frames // self.temporal * self.temporal)
@@ -154,12 +156,14 @@ class DCAEVSpace(LatentSpace):
         return frames // self.temporal
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        z = self.model.encode(video.to(self.model.dtype), frames_per_tile=self.frames_per_tile)
+        z = self.model.encode(video.to(self.model.dtype), frames_per_tile=self.frames_per_tile,
+                              tile_size=self.tile_size)
         return z.float() * self.model.scaling_factor
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         z = (latent / self.model.scaling_factor).to(self.model.dtype)
-        return self.model.decode(z, frames_per_tile=self.frames_per_tile).float().clamp(-1, 1)
+        return self.model.decode(z, frames_per_tile=self.frames_per_tile,
+                                 tile_size=self.tile_size).float().clamp(-1, 1)
 
     def image_chunk(self, image: torch.Tensor, frames: int) -> torch.Tensor:
         return self._black_after(image, self.temporal, frames)

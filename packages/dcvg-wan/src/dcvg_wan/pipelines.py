@@ -39,6 +39,7 @@ from dcvg_wan.sampling import (
 )
 
 FPS = 16  # Wan-2.1 generates at 16 fps
+DCAEV_TILE = 256  # vae_tiling's DC-AE-V spatial tile, pixels (the Wan VAE tiles take diffusers' defaults)
 
 
 @dataclass
@@ -135,6 +136,7 @@ class WanPipeline:
         t5_cpu: bool = False,
         attention: str = "sdpa",
         frames_per_tile: int | None = None,
+        vae_tiling: bool = False,
         paths: ComponentPaths | None = None,
         default_negative_prompt: str | None = None,
         sequence_parallel: bool = False,
@@ -142,7 +144,9 @@ class WanPipeline:
     ) -> WanPipeline:
         """Load every component from a checkpoint folder (official, diffusers or NVIDIA's
         DC-VideoGen release; see `dcvg_wan.components`). The DiT and text encoder are cast to
-        `dtype` (official: bf16); the autoencoders and CLIP stay in float32."""
+        `dtype` (official: bf16); the autoencoders and CLIP stay in float32. `vae_tiling`: the
+        autoencoder works in overlapping 256-pixel spatial tiles (the Wan VAE exactly as diffusers'
+        `vae.enable_tiling()`; DC-AE-V with its own blended tiles): less memory, slightly other pixels."""
         from dcvg_wan.image_encoder import ImageEncoder
         from dcvg_wan.text_encoder import TextEncoder
         from dcvg_wan.vae import WanVAE
@@ -153,7 +157,10 @@ class WanPipeline:
         home = "cpu" if offload_model else device
         dit = WanModel.from_pretrained(paths.dit, dtype=dtype, device=home).set_attention_backend(attention)
         if ae == "wan-vae":
-            space: LatentSpace = WanVAESpace(WanVAE.from_pretrained(paths.vae).to(home).eval(), dit.config.patch)
+            vae = WanVAE.from_pretrained(paths.vae).to(home).eval()
+            if vae_tiling:
+                vae.enable_tiling()
+            space: LatentSpace = WanVAESpace(vae, dit.config.patch)
         else:
             from dcae_v import DCAEV
 
@@ -161,7 +168,7 @@ class WanPipeline:
             # GPUs, as NVIDIA runs its release
             ae_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
             dcae = DCAEV.from_pretrained(paths.dcae).to(home, ae_dtype).eval()
-            space = DCAEVSpace(dcae, dit.config.patch, frames_per_tile)
+            space = DCAEVSpace(dcae, dit.config.patch, frames_per_tile, tile_size=DCAEV_TILE if vae_tiling else None)
         text = TextEncoder.from_pretrained(
             paths.text_encoder, tokenizer_dir=paths.tokenizer, dtype=dtype, device="cpu" if t5_cpu else home,
             text_len=dit.config.text_len,  # prompts longer than the DiT reads are truncated with a warning

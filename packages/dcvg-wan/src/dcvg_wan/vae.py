@@ -27,6 +27,7 @@ from torch import nn
 
 from dcvg_wan.errors import InputError
 from dcvg_wan.vae_config import WanVAEConfig, get_vae_preset, vae_preset_names
+from dcvg_wan.vae_tiling import TileSpec, stitch, tile_starts
 
 CACHE_T = 2  # frames of history a causal 3x3x3 convolution needs
 Cache = dict  # module -> its streaming state; one per encode or decode call
@@ -224,6 +225,20 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1)  # diffusers quant_conv
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)  # diffusers post_quant_conv
         self.decoder = Decoder3d(config)
+        self.tiling: TileSpec | None = None
+
+    # ---- spatial tiling (diffusers' enable_tiling) --------------------------------------------
+    def enable_tiling(self, tile_sample_min_height: int = 256, tile_sample_min_width: int = 256,
+                      tile_sample_stride_height: int = 192, tile_sample_stride_width: int = 192) -> None:
+        """Encode/decode frames larger than a tile as overlapping tiles blended together (same
+        arguments, defaults and result as diffusers' AutoencoderKLWan.enable_tiling): bounds the
+        activation memory by the tile size instead of the frame size. Exact it is not: tiles
+        see zero padding at their borders, which the blending hides but does not undo."""
+        self.tiling = TileSpec(tile_sample_min_height, tile_sample_min_width, tile_sample_stride_height,
+                               tile_sample_stride_width).check(self.spatial_compression)
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
 
     # ---- construction and checkpoints ------------------------------------------------------
     @classmethod
@@ -298,12 +313,25 @@ class WanVAE(nn.Module):
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) of the posterior, unnormalised, in float32 (diffusers' latent_dist mean/logvar)."""
         x = self._check_video(x)
+        spec = self.tiling
+        height, width = x.shape[3:]
+        if spec is None or (height <= spec.min_height and width <= spec.min_width):
+            moments = self._encode_tile(x)
+        else:
+            s = self.spatial_compression
+            grid = [[self._encode_tile(x[..., i : i + spec.min_height, j : j + spec.min_width])
+                     for j in tile_starts(width, spec.stride_width)] for i in tile_starts(height, spec.stride_height)]
+            moments = stitch(grid, ((spec.min_height - spec.stride_height) // s, (spec.min_width - spec.stride_width) // s),
+                             (spec.stride_height // s, spec.stride_width // s), (height // s, width // s))
+        mu, logvar = moments.float().chunk(2, dim=1)
+        return mu, logvar
+
+    def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior moments [B, 2 z_dim, T', h, w] of a (tile of a) video, chunk by chunk."""
         cache: Cache = {}
         tc = self.temporal_compression
         chunks = [x[:, :, :1]] + [x[:, :, i : i + tc] for i in range(1, x.shape[2], tc)]
-        h = torch.cat([self.encoder(chunk, cache) for chunk in chunks], 2)
-        mu, logvar = self.conv1(h).float().chunk(2, dim=1)
-        return mu, logvar
+        return self.conv1(torch.cat([self.encoder(chunk, cache) for chunk in chunks], 2))
 
     def encode(self, x: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
         """Video [B, 3, 1 + 4k, H, W] in [-1, 1] -> latent [B, z_dim, 1 + k, H/8, W/8] (the posterior
@@ -321,10 +349,24 @@ class WanVAE(nn.Module):
         return self._decode_frames(self._check_latent(z), normalized, {})
 
     def _decode_frames(self, z: torch.Tensor, normalized: bool, cache: Cache) -> Iterator[torch.Tensor]:
-        for i in range(z.shape[2]):
-            zi = z[:, :, i : i + 1]
-            zi = (self.denormalize(zi) if normalized else zi).to(self.dtype)
-            yield self.decoder(self.conv2(zi), cache).float().clamp_(-1.0, 1.0)
+        spec, s = self.tiling, self.spatial_compression
+        height, width = z.shape[3:]
+        tiled = spec is not None and (height > spec.min_height // s or width > spec.min_width // s)
+        if tiled:  # one streaming cache per tile; each latent frame is decoded tile by tile, then stitched
+            boxes = [[(i, j) for j in tile_starts(width, spec.stride_width // s)]
+                     for i in tile_starts(height, spec.stride_height // s)]
+            caches = {box: {} for row in boxes for box in row}
+        for t in range(z.shape[2]):
+            zi = z[:, :, t : t + 1]
+            zi = self.conv2((self.denormalize(zi) if normalized else zi).to(self.dtype))
+            if not tiled:
+                yield self.decoder(zi, cache).float().clamp_(-1.0, 1.0)
+                continue
+            lh, lw = spec.min_height // s, spec.min_width // s
+            grid = [[self.decoder(zi[..., i : i + lh, j : j + lw], caches[(i, j)]).float() for i, j in row]
+                    for row in boxes]
+            yield stitch(grid, (spec.min_height - spec.stride_height, spec.min_width - spec.stride_width),
+                         (spec.stride_height, spec.stride_width), (height * s, width * s)).clamp_(-1.0, 1.0)
 
     # ---- input checks ----------------------------------------------------------------------
     def _check_size(self, frames: int, height: int, width: int) -> None:
