@@ -112,8 +112,11 @@ def _frames(path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def test_generate_sequence_parallel_two_processes_equals_one(tmp_path, capsys):
-    """torchrun --nproc_per_node 2 ... --ulysses_size 2 (gloo on CPU) writes the 1-process video."""
+@pytest.mark.parametrize("parallel", [["--ulysses_size", "2"], ["--ulysses_size", "2", "--dit_fsdp", "--t5_fsdp"],
+                                      ["--dit_fsdp"]], ids=["ulysses", "ulysses+fsdp", "fsdp"])
+def test_generate_two_processes_equals_one(tmp_path, capsys, parallel):
+    """torchrun --nproc_per_node 2 ... with the official multi-GPU flags (gloo on CPU) writes the
+    1-process video."""
     import os
     import subprocess
     import sys
@@ -125,12 +128,21 @@ def test_generate_sequence_parallel_two_processes_equals_one(tmp_path, capsys):
     two = tmp_path / "two.mp4"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dcvg_wan.cli", "generate", *common, "--ulysses_size", "2", "--save_file", str(two)]
+           "-m", "dcvg_wan.cli", "generate", *common, *parallel, "--save_file", str(two)]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _frames(one).astype(int), _frames(two).astype(int)
     assert a.shape == b.shape
     assert np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--dit_fsdp"], "torchrun --nproc_per_node N"),
+    (["--use_prompt_extend", "--prompt_extend_method", "dashscope"], "prompt extension needs an LLM"),
+])
+def test_official_flags_we_cannot_honour_here_explain_themselves(capsys, argv, match):
+    code, _, err = _run(capsys, "generate", *argv)
+    assert code == 3 and match in err
 
 
 def test_generate_ulysses_size_must_match_processes(capsys):

@@ -16,7 +16,7 @@ TENSORS = {"t2v-1.3B": 825, "t2v-14B": 1095, "i2v-14B-480p": 1303, "i2v-14B-720p
 def closed_form_params(c: WanConfig) -> int:
     """Official WanModel parameters counted module by module (Linear = w + b)."""
     d, f, p = c.dim, c.ffn_dim, c.patch_volume
-    lin = lambda i, o: i * o + o  # noqa: E731
+    lin = lambda i, o: i * o + o
     attn = 4 * lin(d, d) + 2 * d  # q k v o + RMSNorm q, k
     block = 2 * attn + 2 * d + lin(d, f) + lin(f, d) + 6 * d  # self, cross, norm3, ffn, modulation
     top = d * c.in_dim * p + d + lin(c.text_dim, d) + lin(d, d) + lin(c.freq_dim, d) + lin(d, d) + lin(d, 6 * d)

@@ -93,6 +93,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "less memory at 720p and above, slightly different pixels")
     p.add_argument("--ulysses_size", type=int, default=1, help="sequence-parallel ranks (= torchrun processes)")
     p.add_argument("--ring_size", type=int, default=1, help="ring attention ranks (not supported: keep 1)")
+    p.add_argument("--dit_fsdp", action="store_true", help="shard the DiT's weights over the torchrun processes (FSDP2)")
+    p.add_argument("--t5_fsdp", action="store_true",
+                   help="shard the umT5 text encoder's blocks over the torchrun processes (FSDP2)")
+    # the official prompt-extension flags are recognised, so that they fail with a reason, not a usage error
+    p.add_argument("--use_prompt_extend", action="store_true", help="not supported (needs an online or local LLM)")
+    p.add_argument("--prompt_extend_method", default="local_qwen", help=argparse.SUPPRESS)
+    p.add_argument("--prompt_extend_model", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prompt_extend_target_lang", default="zh", help=argparse.SUPPRESS)
 
 
 def _bool(text: str) -> bool:
@@ -108,6 +116,9 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
     from dcvg_wan.pipelines import I2VPipeline, T2VPipeline
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.use_prompt_extend:
+        raise InputError("--use_prompt_extend is not supported: prompt extension needs an LLM (DashScope or a local "
+                         "Qwen), which this package does not ship; extend the prompt yourself and pass it as --prompt")
     rank, world = _init_distributed(args, device)
     if world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if device.type == "cuda" else device
@@ -134,7 +145,13 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
     if not i2v and args.image:
         raise InputError(f"--image is only for I2V tasks; --task {task} is text-to-video")
     ae = args.ae or ("dcae-v" if embedded else "wan-vae")
-    offload = args.offload_model if args.offload_model is not None else device.type == "cuda"
+    # official: offload on one GPU, not with several processes
+    offload = args.offload_model if args.offload_model is not None else (device.type == "cuda" and world == 1)
+    if offload and (args.dit_fsdp or args.t5_fsdp):
+        raise InputError("--offload_model True cannot be combined with --dit_fsdp/--t5_fsdp (sharded weights stay on "
+                         "their GPUs); drop one of them")
+    if args.t5_fsdp and args.t5_cpu:
+        raise InputError("--t5_fsdp and --t5_cpu exclude each other: shard umT5 over the GPUs or run it on the CPU")
     pipe_cls = I2VPipeline if i2v else T2VPipeline
     start = time.perf_counter()
     if args.dit is not None:
@@ -148,8 +165,16 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
         dtype=dtype, offload_model=offload, t5_cpu=args.t5_cpu, attention=args.attention,
         frames_per_tile=args.frames_per_tile, vae_tiling=args.vae_tiling, paths=paths,
         default_negative_prompt=defaults.get("negative_prompt"),
-        sequence_parallel=world > 1, log=log,
+        sequence_parallel=args.ulysses_size > 1, log=log,
     )
+    if args.dit_fsdp or args.t5_fsdp:
+        from dcvg_wan.parallel import dit_shard_units, shard_for_inference, text_encoder_shard_units
+
+        if args.dit_fsdp:
+            shard_for_inference(dit_shard_units(pipe.dit))
+        if args.t5_fsdp:
+            shard_for_inference(text_encoder_shard_units(pipe.text_encoder.model))
+        log(f"sharded over {world} processes: {'DiT ' if args.dit_fsdp else ''}{'umT5' if args.t5_fsdp else ''}".strip())
     log(f"loaded in {time.perf_counter() - start:.1f} s")
     prompt = args.prompt or defaults.get("example_prompt") or EXAMPLE_PROMPT["i2v" if i2v else "t2v"]
     if embedded:
@@ -189,15 +214,18 @@ def _silent(_message: str) -> None:
 
 
 def _init_distributed(args: argparse.Namespace, device: torch.device) -> tuple[int, int]:
-    """(rank, world): torchrun's processes form the sequence-parallel group (--ulysses_size)."""
+    """(rank, world): torchrun's processes (the Ulysses group with --ulysses_size N, the FSDP group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.ring_size != 1:
         raise InputError("--ring_size > 1 (ring attention) is not supported; use --ulysses_size")
-    if args.ulysses_size != world:
+    if args.ulysses_size > 1 and args.ulysses_size != world:
         raise InputError(
             f"--ulysses_size {args.ulysses_size} must equal the number of processes ({world}); launch with "
             f"torchrun --nproc_per_node {args.ulysses_size} -m dcvg_wan.cli generate ... --ulysses_size {args.ulysses_size}"
         )
+    if world == 1 and (args.dit_fsdp or args.t5_fsdp):
+        raise InputError("--dit_fsdp/--t5_fsdp shard over several processes; launch with torchrun --nproc_per_node N "
+                         "-m dcvg_wan.cli generate ... (or drop them on one GPU)")
     if world == 1:
         return 0, 1
     import torch.distributed as dist

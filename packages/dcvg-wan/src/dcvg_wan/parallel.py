@@ -87,3 +87,34 @@ def sequence_parallel_forward(
     pieces = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(pieces, local.contiguous(), group=group)
     return model.unpatchify(torch.cat(pieces, dim=1)[:, :length], grid)
+
+
+# ---- FSDP for inference (the official --dit_fsdp / --t5_fsdp) ----------------------------------
+def shard_for_inference(units: list[torch.nn.Module]) -> None:
+    """Shard each unit's parameters over the default process group (FSDP2 `fully_shard`): a unit
+    gathers its full weights when its forward starts and frees them when it ends, so a rank holds
+    1/P of the weights plus one unit at a time.
+
+    Each unit is its own FSDP root, so that callers may run units directly (Ulysses runs the DiT's
+    pieces, not its forward); FSDP keeps a root's weights gathered after forward (a training
+    heuristic), so a hook frees them here, as inference has no backward to reuse them.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in units:
+        fully_shard(unit)
+        unit.register_forward_hook(lambda module, args, output: module.reshard())
+
+
+def dit_shard_units(model: WanModel) -> list[torch.nn.Module]:
+    """The DiT's blocks one by one, then every other top-level module that holds weights."""
+    if any(True for _ in model.parameters(recurse=False)):
+        raise InputError("this DiT holds weights outside its submodules; it cannot be sharded unit by unit")
+    others = [m for name, m in model.named_children() if name != "blocks" and any(True for _ in m.parameters())]
+    return [*model.blocks, *others]
+
+
+def text_encoder_shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """umT5 (transformers' UMT5EncoderModel): its blocks, then the root (the tied token embedding
+    and final norm); the root's forward is what the pipeline calls."""
+    return [*model.encoder.block, model]
