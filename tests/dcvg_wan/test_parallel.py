@@ -21,15 +21,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, preset: str, latent, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, preset: str, latent, out_dir: str, fsdp: bool = False,
+            ulysses: bool = True) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = make_model(preset)
         inputs = make_inputs(model, latent=latent)
-        out = sequence_parallel_forward(model, **inputs)
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        full = {name: p.numel() for name, p in model.named_parameters()}
+        if fsdp:
+            shard_for_inference(dit_shard_units(model))
+        with torch.no_grad():
+            out = sequence_parallel_forward(model, **inputs) if ulysses else model(**inputs)
+        local = {}
+        if fsdp:  # after the forward every weight is a DTensor shard again (the reshard hook), none left gathered
+            local = {name: p.to_local().numel() for name, p in model.named_parameters()}  # plain tensors: no to_local
+        torch.save({"out": out, "full": full, "local": local}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -47,27 +55,9 @@ def test_two_process_gloo_equals_one_process(tmp_path, preset, latent):
         expected = model(**make_inputs(model, latent=latent))
     mp.start_processes(_worker, args=(2, _free_port(), preset, latent, str(tmp_path)), nprocs=2, start_method="spawn")
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(tmp_path / f"rank{rank}.pt")["out"]
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-def _fsdp_worker(rank: int, world: int, port: int, preset: str, latent, ulysses: bool, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = make_model(preset)
-        inputs = make_inputs(model, latent=latent)
-        full = {name: p.numel() for name, p in model.named_parameters()}
-        shard_for_inference(dit_shard_units(model))
-        with torch.no_grad():
-            out = sequence_parallel_forward(model, **inputs) if ulysses else model(**inputs)
-        # after the forward every weight is a DTensor shard again (the reshard hook), none left gathered
-        local = {name: p.to_local().numel() for name, p in model.named_parameters()}  # plain tensors have no to_local
-        torch.save({"out": out, "full": full, "local": local}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("ulysses", [False, True], ids=["fsdp", "fsdp+ulysses"])
@@ -76,7 +66,7 @@ def test_fsdp_sharded_dit_two_processes_equals_one(tmp_path, ulysses):
     latent = (1, 6, 2)
     with torch.no_grad():
         expected = model(**make_inputs(model, latent=latent))
-    mp.start_processes(_fsdp_worker, args=(2, _free_port(), "debug-i2v", latent, ulysses, str(tmp_path)), nprocs=2,
+    mp.start_processes(_worker, args=(2, _free_port(), "debug-i2v", latent, str(tmp_path), True, ulysses), nprocs=2,
                        start_method="spawn")
     got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for g in got:
