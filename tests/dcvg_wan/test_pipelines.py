@@ -172,3 +172,37 @@ def test_vae_tiling_option_reaches_both_autoencoders(tmp_path, capsys):
                  "--sample_steps", "1", "--prompt", "a red circle", "--vae_tiling", "--save_file", str(out)]) == 0, \
         capsys.readouterr().err
     assert out.is_file()
+
+
+def test_t2i_task_writes_one_png_like_the_official_command(tmp_path, capsys):
+    """`--task t2i-14B` (official: a T2V checkpoint, frame_num 1, a .png named like the videos)."""
+    import av
+
+    from dcvg_wan.cli import main
+    from dcvg_wan.generate import default_save_file
+    from dcvg_wan.vae import WanVAE
+    from tests.dcvg_wan.conftest import make_model, tiny_text_encoder
+
+    ckpt = tmp_path / "wan"
+    make_model("debug-t2v").save_pretrained(ckpt / "transformer", layout="diffusers")
+    WanVAE.from_preset("debug").save_pretrained(ckpt / "vae")
+    tiny_text_encoder(ckpt)
+    out = tmp_path / "image.png"
+    argv = ["generate", "--task", "t2i-14B", "--ckpt_dir", str(ckpt), "--size", "48*32", "--sample_steps", "1",
+            "--prompt", "a red circle", "--save_file", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    with av.open(str(out)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 1 and frames[0].shape == (32, 48, 3)
+    assert default_save_file("t2i-14B", "1280*720", "a cat").endswith(".png")
+    assert main([*argv, "--frame_num", "5"]) == 3
+    assert "generates one image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["flf2v-14B", "vace-1.3B", "vace-14B"])
+def test_official_tasks_we_do_not_run_say_so(tmp_path, capsys, task):
+    from dcvg_wan.cli import main
+
+    assert main(["generate", "--task", task, "--ckpt_dir", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert f"--task {task}" in err and "not implemented here" in err and "t2i-14B" in err

@@ -27,7 +27,15 @@ EXAMPLE_PROMPT = {  # wan/configs/__init__.py / generate.py EXAMPLE_PROMPT
     "relaxed posture, as if savoring the sea breeze and warm sunlight. A close-up shot highlights the feline's "
     "intricate details and the refreshing atmosphere of the seaside.",
 }
-TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B")
+EXAMPLE_PROMPT["t2i"] = "一个朴素端庄的美人"  # the official t2i-14B example prompt
+TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B")
+# official tasks this package does not run, with the reason (so they fail with it, not with a usage error)
+NOT_SUPPORTED = {
+    "flf2v-14B": "first-last-frame-to-video is not implemented here (the DiT loads FLF2V weights, but there is no "
+                 "pipeline for two conditioning frames)",
+    "vace-1.3B": "VACE (Wan2.1-VACE) is another architecture, not implemented here",
+    "vace-14B": "VACE (Wan2.1-VACE) is another architecture, not implemented here",
+}
 EMBEDDED = "t2v-tiny"
 
 
@@ -61,7 +69,7 @@ def demo_prompt(prompt: str, tokenizer_dir: Path) -> tuple[str, list[str], list[
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The official generate.py flags (same names and defaults) plus ours."""
-    p.add_argument("--task", default=None, choices=TASKS + (EMBEDDED,),
+    p.add_argument("--task", default=None, choices=TASKS + (EMBEDDED,) + tuple(NOT_SUPPORTED),
                    help="official task (default: t2v-14B with --ckpt_dir, the embedded t2v-tiny without)")
     p.add_argument("--size", default=None, help="W*H (official default 1280*720; I2V: the maximum area)")
     p.add_argument("--frame_num", type=int, default=None, help="frames (default 81; Wan VAE 4n+1, DC-AE-V 4n)")
@@ -139,6 +147,11 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
         paths, defaults = embedded_default()
         log("no --ckpt_dir: using the embedded demo model t2v-tiny (a toy Wan DiT on DC-AE-V latents trained on "
             f"synthetic scenes; try --prompt \"{defaults['example_prompt']}\")")
+    if task in NOT_SUPPORTED:
+        raise InputError(f"--task {task}: {NOT_SUPPORTED[task]}; supported: {', '.join(TASKS)}")
+    t2i = task.startswith("t2i")
+    if t2i and args.frame_num not in (None, 1):
+        raise InputError(f"--task {task} generates one image: drop --frame_num or pass 1 (got {args.frame_num})")
     i2v = task.startswith("i2v")
     if i2v and not args.image:
         raise InputError("an I2V task needs --image PATH (the first frame)")
@@ -176,7 +189,7 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
             shard_for_inference(text_encoder_shard_units(pipe.text_encoder.model))
         log(f"sharded over {world} processes: {'DiT ' if args.dit_fsdp else ''}{'umT5' if args.t5_fsdp else ''}".strip())
     log(f"loaded in {time.perf_counter() - start:.1f} s")
-    prompt = args.prompt or defaults.get("example_prompt") or EXAMPLE_PROMPT["i2v" if i2v else "t2v"]
+    prompt = args.prompt or defaults.get("example_prompt") or EXAMPLE_PROMPT["i2v" if i2v else "t2i" if t2i else "t2v"]
     if embedded:
         prompt, dropped, vocabulary = demo_prompt(prompt, paths.tokenizer)
         if dropped:
@@ -185,7 +198,7 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
     size = args.size or defaults.get("size") or ("832*480" if task == "t2v-1.3B" else "1280*720")
     common = {
         "size": size,
-        "frame_num": args.frame_num or defaults.get("frame_num", 81),
+        "frame_num": 1 if t2i else args.frame_num or defaults.get("frame_num", 81),
         "steps": args.sample_steps or defaults.get("steps"),
         "shift": args.sample_shift if args.sample_shift is not None else defaults.get("shift"),
         "guide_scale": args.sample_guide_scale,
@@ -264,6 +277,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 
 
 def default_save_file(task: str, size: str, prompt: str) -> str:
-    """Official naming: task_size_1_1_prompt_timestamp.mp4."""
+    """Official naming: task_size_1_1_prompt_timestamp.mp4 (.png for t2i)."""
     words = re.sub(r"[^\w]+", "_", prompt.strip())[:50].strip("_")
-    return f"{task}_{size.replace('*', 'x')}_1_1_{words}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
+    suffix = ".png" if task.startswith("t2i") else ".mp4"
+    return f"{task}_{size.replace('*', 'x')}_1_1_{words}_{time.strftime('%Y%m%d_%H%M%S')}{suffix}"

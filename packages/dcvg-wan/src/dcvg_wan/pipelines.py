@@ -59,13 +59,32 @@ class Generation:
         return to_uint8(self.video.unsqueeze(0))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """mp4 (H.264 yuv420p crf 18) at 16 fps, written atomically."""
+        """mp4 (H.264 yuv420p crf 18) at 16 fps, or the first frame as a PNG for a .png path (t2i),
+        written atomically."""
         from dcae_v.io import write_video
 
         start = time.perf_counter()
-        write_video(path, self.frames_uint8(), self.fps)
+        if Path(path).suffix.lower() == ".png":
+            write_png(path, self.frames_uint8()[0].cpu().numpy())
+        else:
+            write_video(path, self.frames_uint8(), self.fps)
         self.timings["write"] = time.perf_counter() - start
         return Path(path)
+
+
+def write_png(path: str | os.PathLike, rgb) -> None:
+    """One uint8 [H, W, 3] frame as a PNG (PyAV's png encoder; temp file + rename)."""
+    import av
+
+    height, width = rgb.shape[:2]
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = width, height, "rgb24"
+    data = b"".join(bytes(p) for p in codec.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+    data += b"".join(bytes(p) for p in codec.encode(None))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 class _Stage:
