@@ -164,6 +164,11 @@ def test_ema_exports_and_logs(tmp_path, media_dir):
     for k, v in from_dir.state_dict().items():
         assert torch.equal(v, state["ema"][k]) and torch.equal(from_pt.state_dict()[k], v)
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    # the step checkpoint itself loads too (eval/reconstruct --checkpoint runs/.../step_N.pt): EMA
+    # weights, and the run's architecture, chunk size included (weights alone cannot tell it)
+    from_step = load_dcaev(result.checkpoint)
+    assert from_step.config.chunk_size == cfg.model.build_config().chunk_size
+    assert all(torch.equal(v, state["ema"][k]) for k, v in from_step.state_dict().items())
     # scaling factor ~ 1 / RMS of the latents (computed here on other clips of the same data)
     clips = torch.stack([trainer.data.sample(100, i) for i in range(8) if trainer.data.sample(100, i).shape[1] > 1])
     with torch.no_grad():

@@ -100,7 +100,10 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], DCAEVConfig | 
             config = _config_from_metadata(path)
         return _read_safetensors(path), config, "safetensors file"
     if path.suffix in _TORCH_SUFFIXES:
-        return _read_torch(path), None, "NVIDIA .pt"
+        obj = _load_torch(path)
+        if is_training_state(obj):
+            return training_state_weights(obj, path)
+        return extract_state_dict(obj, path), None, "NVIDIA .pt"
     raise CheckpointError(
         f"{path}: unknown checkpoint type {path.suffix!r}; expected a .pt/.pth file (NVIDIA), "
         f"a .safetensors file, or a directory with {CONFIG_NAME} + {WEIGHTS_NAME}"
@@ -147,15 +150,33 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path} as safetensors ({e}); the file may be truncated or not safetensors") from None
 
 
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+def _load_torch(path: Path) -> Any:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for corrupt/foreign pickles
         raise CheckpointError(
             f"cannot read {path} with torch.load(weights_only=True): {str(e).splitlines()[0]}. "
             f"Only plain tensor checkpoints such as NVIDIA's dc-ae-v-*.pt are supported."
         ) from None
-    return extract_state_dict(obj, path)
+
+
+def is_training_state(obj: Any) -> bool:
+    """A `dcae-v train` full-state checkpoint (`checkpoints/step_N.pt`)."""
+    return isinstance(obj, Mapping) and {"model", "optimizer", "config", "step"} <= set(obj)
+
+
+def training_state_weights(obj: Mapping, path: Path) -> tuple[dict[str, torch.Tensor], DCAEVConfig, str]:
+    """The EMA weights of a training checkpoint (the model's when EMA is off), with the
+    architecture its run config names (chunk size included, which weights alone do not tell)."""
+    from dcae_v.train.config import from_dict
+
+    try:
+        config = from_dict(dict(obj["config"])).model.build_config()
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: the run config stored in this training checkpoint is invalid: {e}") from None
+    ema = obj.get("ema")
+    which = "EMA" if ema else "model"
+    return extract_state_dict(ema or obj["model"], path), config, f"dcae-v train step {obj['step']} ({which} weights)"
 
 
 def extract_state_dict(obj: Any, path: Path | str = "checkpoint") -> dict[str, torch.Tensor]:
