@@ -69,6 +69,23 @@ def test_triton_backward_matches_autograd_fp32(triton_backward, name, mode, chun
         torch.testing.assert_close(g.double(), w, atol=5e-5, rtol=1e-5, msg=lambda m, n=name_: f"grad {n}: {m}")
 
 
+@pytest.mark.parametrize("name, mode, chunk, kw", [CASES[i] for i in (0, 3, 5, 11)],
+                         ids=[CASES[i][0] for i in (0, 3, 5, 11)])
+def test_triton_dgrad_nested_loop_matches_autograd(triton_backward, monkeypatch, name, mode, chunk, kw):
+    """The dgrad kernel's other reduction loop (one short loop per tap; the GPU autotuner may pick it)."""
+    from dcvg_kernels import conv3d_backward
+
+    monkeypatch.setitem(conv3d_backward.DGRAD_INTERPRET_CONFIG, "FLAT_K", False)
+    case = make_case(bias=False, **kw)
+    grad = torch.randn(case["x"].shape[0], kw.get("cout", 6), *case["x"].shape[2:],
+                       generator=torch.Generator().manual_seed(3))
+    got = triton_backward(grad, case["x"], case["weight"], mode=mode, chunk=chunk, context=case["context"])
+    want = autograd_oracle(case, grad, mode, chunk)
+    torch.testing.assert_close(got[0].double(), want[0], atol=5e-5, rtol=1e-5)
+    if want[2] is not None and got[2] is not None:
+        torch.testing.assert_close(got[2].double(), want[2], atol=5e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name, mode, chunk, kw", [CASES[0], CASES[5], CASES[11]],
                          ids=[CASES[i][0] for i in (0, 5, 11)])
 def test_triton_backward_matches_autograd_fp16(triton_backward, name, mode, chunk, kw):

@@ -37,6 +37,7 @@ def _conv3d_fwd(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FLAT_K: tl.constexpr = False,  # one dynamic loop over taps x Cin blocks (pipelines across taps)
+    BIG_M: tl.constexpr = False,  # M >= 2^31: row indices in int64
 ):
     # 1D grid, N tiles fastest: programs sharing an A tile run together, and the M tile count
     # (up to ~3e5 at 720p) stays clear of the 65535 limit of grid axes 1 and 2.
@@ -45,7 +46,12 @@ def _conv3d_fwd(
     pid_m = pid // num_n
     pid_n = pid % num_n
 
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M passes 2^31 on video
+    # Output positions in int32 (int64 only past 2^31 rows: 32-bit index math keeps registers free
+    # for the pipelined tiles); element offsets are int64, as tensors pass 2^31 elements on video.
+    if BIG_M:
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     w_o = rows % W
     r = rows // W
@@ -57,6 +63,10 @@ def _conv3d_fwd(
         t_end = tl.minimum((t_o // CHUNK + 1) * CHUNK, T)  # first frame of the next chunk
     else:
         t_end = T
+    b64, t64, h64, w64 = b_o.to(tl.int64), t_o.to(tl.int64), h_o.to(tl.int64), w_o.to(tl.int64)
+    row_base = b64 * sxb + t64 * sxt + h64 * sxh + w64 * sxw  # offset of (b, t, h, w, c=0) in x
+    if HAS_CTX:  # offset of the same (h, w) in frame t + CTX_N of the context (frame t - n of the clip)
+        ctx_base = ctx_ptr + (b64 * scb + (t64 + CTX_N) * sct + h64 * sch + w64 * scw)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < Cout
@@ -68,9 +78,6 @@ def _conv3d_fwd(
         # pipeliner overlaps the loads of the next tap with this tap's dot; the nested form below
         # has one short loop per tap (Cin / BLOCK_K steps), each with its own prologue.
         nk = tl.cdiv(Cin, BLOCK_K)
-        row_base = b_o * sxb + t_o * sxt + h_o * sxh + w_o * sxw
-        if HAS_CTX:
-            ctx_base = ctx_ptr + (b_o * scb + (t_o + CTX_N) * sct + h_o * sch + w_o * scw)
         for it in range(KT * KH * KW * nk):
             tap = it // nk
             k0 = (it - tap * nk) * BLOCK_K
@@ -102,10 +109,10 @@ def _conv3d_fwd(
                 for l in tl.static_range(KW):
                     ww = w_o + (l - KW // 2)
                     ok = t_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                    a_row = x_ptr + (b_o * sxb + s * sxt + hh * sxh + ww * sxw)
+                    di, dj, dl = i - SHIFT, j - KH // 2, l - KW // 2
+                    a_row = x_ptr + (row_base + (di * sxt + dj * sxh + dl * sxw))
                     if HAS_CTX and i < SHIFT:  # only taps reaching back can leave the clip
-                        c_row = ctx_ptr + (b_o * scb + (s + CTX_N) * sct + hh * sch + ww * scw)
-                        a_row = tl.where(s >= 0, a_row, c_row)
+                        a_row = tl.where(s >= 0, a_row, ctx_base + (di * sct + dj * sch + dl * scw))
                     w_tap = ((i * KH + j) * KW + l) * Cin
                     for k0 in range(0, Cin, BLOCK_K):
                         kk = k0 + ks
@@ -123,9 +130,9 @@ def _conv3d_fwd(
     cols64 = cols.to(tl.int64)
     out_mask = row_ok[:, None] & col_ok[None, :]
     if HAS_RES:
-        r_off = (b_o * srb + t_o * srt + h_o * srh + w_o * srw)[:, None] + cols64[None, :] * src
+        r_off = (b64 * srb + t64 * srt + h64 * srh + w64 * srw)[:, None] + cols64[None, :] * src
         acc += tl.load(res_ptr + r_off, mask=out_mask, other=0.0).to(tl.float32)
-    o_off = (b_o * sob + t_o * sot + h_o * soh + w_o * sow)[:, None] + cols64[None, :] * soc
+    o_off = (b64 * sob + t64 * sot + h64 * soh + w64 * sow)[:, None] + cols64[None, :] * soc
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -140,19 +147,19 @@ INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT_K": True}
 def _configs():
     if INTERPRET:
         return [triton.Config(dict(INTERPRET_CONFIG))]
-    # Starting points for H100 (kernels.md §3a); every config fits 232 KB of shared memory in fp32.
-    # Both reduction loops are offered: autotuning keeps whichever is faster per layer shape.
+    # Both reduction loops are offered: autotuning keeps whichever is faster per layer shape. A
+    # per-tap config compiles for 20-30 s on sm_90 (27 unrolled loops), a flat one in ~1 s, so only
+    # one per-tap config is kept (of the four timed on the H200 on 2026-11-25).
     nested = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     ]
+    # Chosen from an offline sm_90 compile (tools/bench/compile_report.py): none of these spills
+    # registers; 128x256 and 256x128 tiles did, so they are left out.
     flat = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "FLAT_K": True}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "FLAT_K": True}, num_warps=4, num_stages=4),
     ]
     return nested + flat
@@ -204,7 +211,7 @@ def conv3d_triton(x, weight, bias, *, mode, chunk=0, context=None, residual=None
         *out.stride(),
         KT=kt, KH=kh, KW=kw, SHIFT=plan.shift,
         CHUNKED=plan.chunk > 0, HAS_CTX=plan.use_context, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, UPCAST=INTERPRET, PRECISION=precision,
+        HAS_RES=residual is not None, UPCAST=INTERPRET, PRECISION=precision, BIG_M=b * t * h * w >= 2**31,
         **(INTERPRET_CONFIG if INTERPRET else {}),
     )
     return out

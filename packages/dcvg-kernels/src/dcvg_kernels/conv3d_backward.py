@@ -35,13 +35,18 @@ def _conv3d_dgrad(
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SHIFT: tl.constexpr,
     CHUNKED: tl.constexpr, HAS_CTX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BIG_M: tl.constexpr = False,  # M >= 2^31: row indices in int64 (else int32, as in the forward)
+    FLAT_K: tl.constexpr = False,  # one dynamic loop over taps x Cout blocks (as the forward's FLAT_K)
 ):
     num_n = tl.cdiv(Cin, BLOCK_N)
     pid = tl.program_id(0)
     pid_m = pid // num_n
     pid_n = pid % num_n
 
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # over B x (n + T) x H x W
+    if BIG_M:  # rows run over B x (n + T) x H x W
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     w_o = rows % W
     r = rows // W
@@ -55,38 +60,65 @@ def _conv3d_dgrad(
     else:
         t_first = 0
 
+    b64, s64, h64, w64 = b_o.to(tl.int64), s.to(tl.int64), h_o.to(tl.int64), w_o.to(tl.int64)
+    g_base = b64 * sgb + s64 * sgt + h64 * sgh + w64 * sgw  # grad offset of (b, s, h, w); taps add constants
+
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < Cin
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    for i in tl.static_range(KT):
-        t = s + (SHIFT - i)  # the output frame whose tap i read frame s
-        t_ok = row_ok & (t >= t_first) & (t < T)
-        for j in tl.static_range(KH):
-            hh = h_o - (j - KH // 2)
-            for l in tl.static_range(KW):
-                ww = w_o - (l - KW // 2)
-                ok = t_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                g_row = g_ptr + (b_o * sgb + t * sgt + hh * sgh + ww * sgw)
-                w_tap = ((i * KH + j) * KW + l) * Cout
-                for k0 in range(0, Cout, BLOCK_K):
-                    kk = k0 + ks
-                    k_ok = kk < Cout
-                    a = tl.load(g_row[:, None] + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-                    b = tl.load(w_ptr + (w_tap + kk)[:, None] * Cin + cols[None, :],
-                                mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                    if UPCAST:
-                        a = a.to(tl.float32)
-                        b = b.to(tl.float32)
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if FLAT_K:
+        nk = tl.cdiv(Cout, BLOCK_K)
+        for it in range(KT * KH * KW * nk):
+            tap = it // nk
+            k0 = (it - tap * nk) * BLOCK_K
+            dt = SHIFT - tap // (KH * KW)  # output frame t = s + dt read this row's frame with this tap
+            dh = (tap // KW) % KH - KH // 2
+            dw = tap % KW - KW // 2
+            t = s + dt
+            hh = h_o - dh
+            ww = w_o - dw
+            ok = row_ok & (t >= t_first) & (t < T) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            g_row = g_ptr + (g_base + (dt * sgt - dh * sgh - dw * sgw))
+            kk = k0 + ks
+            k_ok = kk < Cout
+            a = tl.load(g_row[:, None] + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + (tap * Cout + kk)[:, None] * Cin + cols[None, :],
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        for i in tl.static_range(KT):
+            t = s + (SHIFT - i)  # the output frame whose tap i read frame s
+            t_ok = row_ok & (t >= t_first) & (t < T)
+            for j in tl.static_range(KH):
+                hh = h_o - (j - KH // 2)
+                for l in tl.static_range(KW):
+                    ww = w_o - (l - KW // 2)
+                    ok = t_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                    g_row = g_ptr + (g_base + ((SHIFT - i) * sgt - (j - KH // 2) * sgh - (l - KW // 2) * sgw))
+                    w_tap = ((i * KH + j) * KW + l) * Cout
+                    for k0 in range(0, Cout, BLOCK_K):
+                        kk = k0 + ks
+                        k_ok = kk < Cout
+                        a = tl.load(g_row[:, None] + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+                        b = tl.load(w_ptr + (w_tap + kk)[:, None] * Cin + cols[None, :],
+                                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                        if UPCAST:
+                            a = a.to(tl.float32)
+                            b = b.to(tl.float32)
+                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
 
     cols64 = cols.to(tl.int64)
     out_mask = row_ok[:, None] & col_ok[None, :]
-    x_off = (b_o * sxb + s * sxt + h_o * sxh + w_o * sxw)[:, None] + cols64[None, :] * sxc
+    x_off = (b64 * sxb + s64 * sxt + h64 * sxh + w64 * sxw)[:, None] + cols64[None, :] * sxc
     out = gx_ptr + x_off
     if HAS_CTX:
-        c_off = (b_o * scb + f_o * sct + h_o * sch + w_o * scw)[:, None] + cols64[None, :] * scc
+        c_off = (b64 * scb + f_o.to(tl.int64) * sct + h64 * sch + w64 * scw)[:, None] + cols64[None, :] * scc
         out = tl.where((s >= 0)[:, None], out, gc_ptr + c_off)
     tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=out_mask)
 
@@ -153,13 +185,20 @@ def _conv3d_wgrad(
     tl.store(ws_ptr + ws_off, acc, mask=k_ok[:, None] & col_ok[None, :])
 
 
+# Interpreter: one fixed config (tests switch FLAT_K to cover both loops), as in the forward.
+DGRAD_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT_K": True}
+
+
 def _dgrad_configs():
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16})]
+        return [triton.Config(dict(DGRAD_INTERPRET_CONFIG))]
+    # the per-tap loops compile for ~30 s per config on sm_90 (27 unrolled loops), the flat ones in ~1 s;
+    # none of these spills (tools/bench/compile_report.py)
     return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "FLAT_K": True}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "FLAT_K": True}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     ]
 
 
@@ -214,10 +253,12 @@ def conv3d_triton_backward(grad, x, weight, *, mode, chunk=0, context=None):
     wd = weight.permute(2, 3, 4, 0, 1).contiguous()
     m_rows = b * (n + t) * h * w
     grid = lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(cin, meta["BLOCK_N"]),)
-    _dgrad_tuned[grid](
+    kernel = _conv3d_dgrad[grid] if INTERPRET else _dgrad_tuned[grid]
+    kernel(
         g, wd, gx, gc, m_rows, t, h, w, cin, cout, n, max(plan.chunk, 1),
         sg[0], sg[2], sg[3], sg[4], *gx.stride(), *gc.stride(),
-        KT=kt, KH=kh, KW=kw, SHIFT=plan.shift, **common)
+        KT=kt, KH=kh, KW=kw, SHIFT=plan.shift, BIG_M=m_rows >= 2**31, **common,
+        **(DGRAD_INTERPRET_CONFIG if INTERPRET else {}))
 
     # wgrad: fp32 partials [splits, taps, Cin, Cout], summed here
     m = b * t * h * w

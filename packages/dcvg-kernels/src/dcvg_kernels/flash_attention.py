@@ -249,21 +249,28 @@ def _attn_bwd_dq(
 INTERPRET = isinstance(_attn_fwd, InterpretedFunction)
 
 
-def _configs(bwd: bool):
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. Started from the Triton tutorial's space,
+# then checked by an offline sm_90 compile (tools/bench/compile_report.py, 2026-11-26): configs
+# that spilled registers were dropped (every dK/dV config timed on the H200 spilled 104-992 bytes)
+# and spill-free ones added; all fit 227 KB of shared memory.
+_CONFIGS = {
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 8, 3),
+            (128, 32, 4, 4)],
+    "dkdv": [(64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 3), (64, 64, 4, 3)],
+    "dq": [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
+}
+
+
+def _configs(kernel: str):
     if INTERPRET:  # one config: the interpreter cannot benchmark; 32-row blocks exercise the tails
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
-    # Starting points for H100 (kernels.md §3b: the tutorial's search space); to be tuned on a GPU.
-    if bwd:
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 128, 4, 3)]]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 32, 4, 4)]]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _CONFIGS[kernel]]
 
 
 _KEY = ["HEAD_D", "Lq", "Lk"]
-_fwd_tuned = triton.autotune(configs=_configs(False), key=_KEY)(_attn_fwd)
-_dkdv_tuned = triton.autotune(configs=_configs(True), key=_KEY)(_attn_bwd_dkdv)
-_dq_tuned = triton.autotune(configs=_configs(True), key=_KEY)(_attn_bwd_dq)
+_fwd_tuned = triton.autotune(configs=_configs("fwd"), key=_KEY)(_attn_fwd)
+_dkdv_tuned = triton.autotune(configs=_configs("dkdv"), key=_KEY)(_attn_bwd_dkdv)
+_dq_tuned = triton.autotune(configs=_configs("dq"), key=_KEY)(_attn_bwd_dq)
 
 
 def triton_supports(q) -> str | None:

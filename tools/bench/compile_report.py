@@ -1,0 +1,160 @@
+"""Compile the dcvg-kernels Triton kernels for an H100/H200 (sm_90) on a machine without a GPU and
+report what the compiler made of each autotune config: registers per thread, spilled stack
+bytes, shared memory, wgmma instructions (Hopper tensor cores) and cp.async copies (pipelined
+loads), and the compile time.
+
+Why: GPU time is scarce here, and these facts explain most of a kernel's speed before it runs.
+A config that spills or has no cp.async (loads not pipelined) will be slow whatever the GPU; a
+27-way unrolled loop that takes 20 s to compile makes every first call slow. The arguments are
+specialised as the JIT does at run time (pointers 16-byte aligned, integers divisible by 16
+marked so) for the shapes in SHAPES, so the code is what a real launch compiles.
+
+    python tools/bench/compile_report.py                # every kernel, every config (a few minutes on CPU)
+    python tools/bench/compile_report.py --what conv    # or: attention
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real, do not interpret
+_CACHE = tempfile.mkdtemp(prefix="compile_report_")
+os.environ["TRITON_CACHE_DIR"] = _CACHE  # a cold cache: real compile times, and nothing left in the user's
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TARGET = GPUTarget("cuda", 90, 32)
+DIV16 = [["tt.divisibility", 16]]
+# The run-time values of the integer arguments (DC-AE-V decoder stage 1 at 720p; Wan 14B attention
+# at L = 32k, 40 heads x 128): the JIT marks those divisible by 16, which enables vector loads.
+SHAPES = {
+    "conv": {"M": 8 * 368 * 640, "T": 8, "H": 368, "W": 640, "Cin": 256, "Cout": 256, "CTX_N": 0, "CHUNK": 40,
+             "sxb": 8 * 368 * 640 * 256, "sxt": 368 * 640 * 256, "sxh": 640 * 256, "sxw": 256},
+    "attention": {"H": 40, "Lq": 32760, "Lk": 32760, "sqb": 32760 * 5120, "sql": 5120, "sqh": 128},
+}
+
+
+def _int_value(kernel: str, name: str) -> int:
+    """The run-time value of an integer argument: from SHAPES, strides by their axis letter (every
+    tensor of a launch has the layout of x, or of q)."""
+    shape = SHAPES[kernel]
+    if name in shape:
+        return shape[name]
+    if kernel == "conv" and re.fullmatch(r"s[xcrog][btwhc]", name):
+        return 1 if name[-1] == "c" else shape["sx" + name[-1]]
+    if kernel == "attention" and re.fullmatch(r"s[qkvdo][blh]", name):
+        return shape["sq" + name[-1]]
+    return 1
+
+
+def compile_one(fn, kernel: str, types: dict[str, str], const: dict, num_warps: int, num_stages: int) -> dict:
+    names = fn.arg_names
+    signature, attrs = {}, {}
+    for i, n in enumerate(names):
+        if n in const:
+            signature[n] = "constexpr"
+        elif types.get(n, "").startswith("*"):
+            signature[n] = types[n]
+            attrs[(i,)] = DIV16
+        else:
+            signature[n] = types.get(n, "i32")
+            if signature[n] == "i32" and _int_value(kernel, n) % 16 == 0:
+                attrs[(i,)] = DIV16
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs=attrs)
+    start = time.perf_counter()
+    compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    seconds = time.perf_counter() - start
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    reg, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    return {"regs": int(reg.group(1)) if reg else None, "stack": int(stack.group(1)) if stack else None,
+            "shared": compiled.metadata.shared, "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+            "cp_async": len(re.findall(r"cp\.async", ptx)), "seconds": seconds}
+
+
+def conv_rows():
+    from dcvg_kernels import conv3d
+
+    types = {n: "*bf16" for n in conv3d._conv3d_fwd.arg_names if n.endswith("_ptr")}
+    fixed = {"KT": 3, "KH": 3, "KW": 3, "SHIFT": 1, "CHUNKED": True, "HAS_CTX": False, "HAS_BIAS": True,
+             "HAS_RES": False, "UPCAST": False, "PRECISION": None, "BIG_M": False}
+    for cfg in conv3d._configs():
+        const = {**fixed, "FLAT_K": False, **cfg.kwargs}
+        name = (f"conv3d fwd bf16 {const['BLOCK_M']}x{const['BLOCK_N']}x{const['BLOCK_K']} w{cfg.num_warps} "
+                f"s{cfg.num_stages} {'flat' if const['FLAT_K'] else 'per-tap'}")
+        yield name, conv3d._conv3d_fwd, "conv", types, const, cfg
+
+
+def conv_dgrad_rows():
+    from dcvg_kernels import conv3d_backward as bw
+
+    types = {n: "*bf16" for n in bw._conv3d_dgrad.arg_names if n.endswith("_ptr")}
+    fixed = {"KT": 3, "KH": 3, "KW": 3, "SHIFT": 1, "CHUNKED": True, "HAS_CTX": False, "UPCAST": False,
+             "PRECISION": None, "BIG_M": False}
+    for cfg in bw._dgrad_configs():
+        const = {**fixed, "FLAT_K": False, **cfg.kwargs}
+        name = (f"conv3d dgrad bf16 {const['BLOCK_M']}x{const['BLOCK_N']}x{const['BLOCK_K']} w{cfg.num_warps} "
+                f"s{cfg.num_stages} {'flat' if const['FLAT_K'] else 'per-tap'}")
+        yield name, bw._conv3d_dgrad, "conv", types, const, cfg
+
+
+def attention_rows():
+    from dcvg_kernels import flash_attention as fa
+
+    fixed = {"HEAD_D": 128, "BLOCK_D": 128, "UPCAST": False, "PRECISION": None}
+    kernels = [("fwd", fa._attn_fwd, fa._configs("fwd")), ("bwd dkdv", fa._attn_bwd_dkdv, fa._configs("dkdv")),
+               ("bwd dq", fa._attn_bwd_dq, fa._configs("dq"))]
+    for label, fn, configs in kernels:
+        types = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+        types.update({n: "*fp32" for n in ("LSE", "DELTA")})
+        types.update({"qk_scale": "fp32", "sm_scale": "fp32"})
+        for cfg in configs:
+            const = {**fixed, **cfg.kwargs}
+            name = f"attention {label} bf16 d128 {const['BLOCK_M']}x{const['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+            yield name, fn, "attention", types, const, cfg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--what", choices=("all", "conv", "attention"), default="all")
+    ap.add_argument("--only", default=None, help="a regular expression: only the configs whose row name matches")
+    args = ap.parse_args(argv)
+    print(f"# sm_90 compile report (triton {triton.__version__}, no GPU needed)\n")
+    print("| kernel / config | regs | spill stack B | shared KB | wgmma | cp.async | compile s |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    if args.what in ("all", "conv"):
+        rows += list(conv_rows()) + list(conv_dgrad_rows())
+    if args.what in ("all", "attention"):
+        rows += list(attention_rows())
+    for name, fn, kernel, types, const, cfg in rows:
+        if args.only and not re.search(args.only, name):
+            continue
+        try:
+            r = compile_one(fn, kernel, types, const, cfg.num_warps, cfg.num_stages)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is a finding, not a crash
+            print(f"| {name} | error: {type(e).__name__}: {str(e).splitlines()[0][:120]} ||||||", flush=True)
+            continue
+        print(f"| {name} | {r['regs']} | {r['stack']} | {r['shared'] / 1024:.0f} | {r['wgmma']} | {r['cp_async']} | "
+              f"{r['seconds']:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
