@@ -12,6 +12,8 @@ decorated (`ops` imports it lazily, on the first Triton call).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -147,12 +149,13 @@ INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT_K": True}
 def _configs():
     if INTERPRET:
         return [triton.Config(dict(INTERPRET_CONFIG))]
-    # Both reduction loops are offered: autotuning keeps whichever is faster per layer shape. A
-    # per-tap config compiles for 20-30 s on sm_90 (27 unrolled loops), a flat one in ~1 s, so only
-    # one per-tap config is kept (of the four timed on the H200 on 2026-11-25).
+    # A per-tap config compiles for 20-30 s on sm_90 (27 unrolled loops) against ~1 s for a flat one,
+    # once per layer shape on a cold cache: with a handful of shapes per model that is minutes on a
+    # first call, so the autotuner gets flat configs only, unless DCVG_KERNELS_PER_TAP=1 adds the
+    # per-tap config timed on the H200 on 2026-11-25 (to compare the two loops side by side).
     nested = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    ]
+    ] if os.environ.get("DCVG_KERNELS_PER_TAP") == "1" else []
     # Chosen from an offline sm_90 compile (tools/bench/compile_report.py): none of these spills
     # registers; 128x256 and 256x128 tiles did, so they are left out.
     flat = [

@@ -17,6 +17,8 @@ flipped taps; it has its own temporal mask. Spatially it is the forward with fli
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -192,14 +194,16 @@ DGRAD_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT_K":
 def _dgrad_configs():
     if INTERPRET:
         return [triton.Config(dict(DGRAD_INTERPRET_CONFIG))]
-    # the per-tap loops compile for ~30 s per config on sm_90 (27 unrolled loops), the flat ones in ~1 s;
-    # none of these spills (tools/bench/compile_report.py)
-    return [
+    # flat loops only (the per-tap form compiles for ~30 s per config on sm_90; DCVG_KERNELS_PER_TAP=1
+    # adds one, as in the forward); none of these spills (tools/bench/compile_report.py)
+    flat = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "FLAT_K": True}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "FLAT_K": True}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
     ]
+    if os.environ.get("DCVG_KERNELS_PER_TAP") == "1":
+        flat.append(triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4))
+    return flat
 
 
 _dgrad_tuned = triton.autotune(configs=_dgrad_configs(), key=["Cin", "Cout", "KT", "KH", "KW"])(_conv3d_dgrad)
