@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcae_v import DCAEV, DCAEVConfig, PRESETS, get_preset
+from dcae_v import DCAEV, PRESETS, DCAEVConfig, get_preset
 
 MANIFESTS = Path(__file__).parent / "manifests"
 RELEASED = ["f32t4c32", "f32t4c64", "f32t4c128", "f32t4c256", "f64t4c128"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dcae_v import PRESETS, CheckpointError, DCAEV
+from dcae_v import DCAEV, PRESETS, CheckpointError
 from dcae_v import checkpoint as ckpt
 from dcae_v.checkpoint import describe_checkpoint, load_dcaev, save_nvidia_checkpoint
 

@@ -10,8 +10,6 @@ import dcae_v
 from dcae_v import DCAEV
 
 
-
-
 def _video(*shape: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(*shape, generator=g) * 2 - 1

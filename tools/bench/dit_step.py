@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+
 from dcvg_wan import PRESETS, WanModel
 from dcvg_wan.cost import (
     LATENT_SPACES,

@@ -23,9 +23,9 @@ import torch
 # tools/bench/dcae_v.py would shadow the package: keep this folder off sys.path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
-from dcae_v import DCAEV  # noqa: E402
-from dcae_v.io import to_model_range, to_uint8  # noqa: E402
-from dcae_v.metrics import psnr  # noqa: E402
+from dcae_v import DCAEV
+from dcae_v.io import to_model_range, to_uint8
+from dcae_v.metrics import psnr
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -67,7 +67,7 @@ def _block_strings(mode: str, cs: int) -> str:
         dn, dnt = f"{c}ConvPixelUnshuffle@2@1@3@3", f"{c}ConvPixelUnshuffle@1@4@3@3"
         up, upt = f"{c}ConvPixelShuffle@2@1@3@3", f"{c}ConvPixelShuffle@1@4@3@3"
         pin, pout, dpin, dpout = dn, f"{c}ConvLayer3d@3@3", f"{c}ConvLayer3d@3@3", up
-    lst = lambda a, b, k: "[" + ",".join([a] * (k - 1) + [b]) + "]"  # noqa: E731
+    lst = lambda a, b, k: "[" + ",".join([a] * (k - 1) + [b]) + "]"
     w, d = "[" + ",".join(map(str, WIDTHS)) + "]", "[" + ",".join(map(str, DEPTHS)) + "]"
     return (
         f"latent_channels={LATENT} encoder.project_in_block_type={pin} encoder.width_list={w} encoder.depth_list={d} "
@@ -84,8 +84,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     sys.path.insert(0, args.dc_gen)
-    from dc_videogen.dc_ae_v import DCAEV as NvidiaDCAEV, DCAEVConfig as NvidiaConfig  # noqa: E402
-    from omegaconf import OmegaConf  # noqa: E402
+    from dc_videogen.dc_ae_v import DCAEV as NvidiaDCAEV
+    from dc_videogen.dc_ae_v import DCAEVConfig as NvidiaConfig
+    from omegaconf import OmegaConf
 
     tensors, meta = {}, {}
     for name, mode, cs, frames, size in CASES:

@@ -38,8 +38,8 @@ import json
 import math
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import av
 import numpy as np
@@ -49,7 +49,7 @@ import numpy as np
 # --------------------------------------------------------------------------
 
 SPLITS = ("train", "heldout")
-TRAIN_SEEDS = range(0, 1_000_000_000)
+TRAIN_SEEDS = range(1_000_000_000)
 HELDOUT_SEEDS = range(1_000_000_000, 2_000_000_000)
 _SPLIT_SEEDS = {"train": TRAIN_SEEDS, "heldout": HELDOUT_SEEDS}
 
@@ -284,7 +284,7 @@ def lavfi_clip(kind: str, seed: int, frames: int, height: int, width: int) -> np
 # --------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_photo(name: str) -> np.ndarray:
     """A bundled scikit-image photo as float32 RGB in [0, 1] (gray -> 3 channels)."""
     import skimage.data

@@ -13,11 +13,11 @@ from dcae_v.model import DCAEV
 
 __all__ = [
     "DCAEV",
-    "DCAEVConfig",
     "PRESETS",
-    "get_preset",
+    "CheckpointError",
+    "DCAEVConfig",
     "DCAEVError",
     "InputError",
-    "CheckpointError",
     "__version__",
+    "get_preset",
 ]

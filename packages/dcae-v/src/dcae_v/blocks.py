@@ -10,8 +10,8 @@ by the conv module) holding each temporal conv's trailing input frames between c
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from einops import rearrange
+from torch import nn
 
 from dcae_v import kernels
 from dcae_v.temporal import TemporalRule, next_context

@@ -97,7 +97,7 @@ class DCAEVConfig:
         return f"f{self.spatial_compression}t{self.temporal_compression}c{self.latent_channels}"
 
     # ---- (de)serialisation -----------------------------------------------------------------
-    def replace(self, **overrides: Any) -> "DCAEVConfig":
+    def replace(self, **overrides: Any) -> DCAEVConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown DCAEVConfig field(s) {sorted(unknown)}; valid: {[f.name for f in dataclasses.fields(self)]}")
@@ -109,7 +109,7 @@ class DCAEVConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DCAEVConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DCAEVConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names - {"_class_name", "_library_version", "preset"}
         if unknown:

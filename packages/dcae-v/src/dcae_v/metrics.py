@@ -15,9 +15,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dcae_v.errors import InputError
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from dcae_v import tiling
 from dcae_v.blocks import (
@@ -16,8 +16,8 @@ from dcae_v.blocks import (
     ConvUnshuffle,
     DecoderHead,
     DuplicatingShortcut,
-    Residual,
     ResBlockMain,
+    Residual,
     Stage,
     StreamCache,
     TemporalConv3d,
@@ -101,14 +101,14 @@ class DCAEV(nn.Module):
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def from_preset(cls, name: str, *, device: Any = None, dtype: torch.dtype | None = None, **overrides: Any) -> "DCAEV":
+    def from_preset(cls, name: str, *, device: Any = None, dtype: torch.dtype | None = None, **overrides: Any) -> DCAEV:
         """A freshly initialised model of a named preset (e.g. "f32t4c32"), with config overrides."""
         with torch.device(device or "cpu"):
             model = cls(get_preset(name, **overrides))
         return model.to(dtype) if dtype is not None else model
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike | None = None, **kwargs: Any) -> "DCAEV":
+    def from_pretrained(cls, path: str | os.PathLike | None = None, **kwargs: Any) -> DCAEV:
         """Load NVIDIA's `.pt`, a `.safetensors` file, or a directory from `save_pretrained`.
 
         With no path, loads the small default checkpoint that ships with the package.

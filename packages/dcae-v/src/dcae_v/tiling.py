@@ -22,14 +22,14 @@ if TYPE_CHECKING:
 Net = Callable[..., torch.Tensor]
 
 
-def encode(model: "DCAEV", x: torch.Tensor, frames_per_tile: int | None, tile_size: int | None) -> torch.Tensor:
+def encode(model: DCAEV, x: torch.Tensor, frames_per_tile: int | None, tile_size: int | None) -> torch.Tensor:
     step = _temporal_step(model, x.shape[2], frames_per_tile)
     f = model.spatial_compression
     tiler = _SpatialTiler(model.encoder, tile_size, f, 1 / f, stream=step < x.shape[2])
     return torch.cat([tiler(piece) for piece in x.split(step, dim=2)], dim=2)
 
 
-def decode(model: "DCAEV", z: torch.Tensor, frames_per_tile: int | None, tile_size: int | None) -> torch.Tensor:
+def decode(model: DCAEV, z: torch.Tensor, frames_per_tile: int | None, tile_size: int | None) -> torch.Tensor:
     tc = model.temporal_compression
     step = _temporal_step(model, z.shape[2] * tc, frames_per_tile) // tc
     f = model.spatial_compression
@@ -40,7 +40,7 @@ def decode(model: "DCAEV", z: torch.Tensor, frames_per_tile: int | None, tile_si
 
 
 def encode_stream(
-    model: "DCAEV", pieces: Iterable[torch.Tensor], frames_per_tile: int | None, tile_size: int | None
+    model: DCAEV, pieces: Iterable[torch.Tensor], frames_per_tile: int | None, tile_size: int | None
 ) -> Iterator[torch.Tensor]:
     _require_streamable(model)
     step = _temporal_step(model, None, frames_per_tile or model.config.chunk_size)
@@ -51,7 +51,7 @@ def encode_stream(
 
 
 def decode_stream(
-    model: "DCAEV", latents: Iterable[torch.Tensor], frames_per_tile: int | None, tile_size: int | None
+    model: DCAEV, latents: Iterable[torch.Tensor], frames_per_tile: int | None, tile_size: int | None
 ) -> Iterator[torch.Tensor]:
     _require_streamable(model)
     tc = model.temporal_compression
@@ -65,7 +65,7 @@ def decode_stream(
 
 
 # ---- temporal helpers ------------------------------------------------------------------------
-def _temporal_step(model: "DCAEV", frames: int | None, frames_per_tile: int | None) -> int:
+def _temporal_step(model: DCAEV, frames: int | None, frames_per_tile: int | None) -> int:
     """Validated tile length in frames; `frames` is the clip length (None for a stream)."""
     if frames_per_tile is None:
         return frames
@@ -83,7 +83,7 @@ def _temporal_step(model: "DCAEV", frames: int | None, frames_per_tile: int | No
     return frames_per_tile
 
 
-def _require_streamable(model: "DCAEV") -> None:
+def _require_streamable(model: DCAEV) -> None:
     if model.config.temporal == "non_causal":
         raise InputError("a non_causal DC-AE-V cannot stream: every output frame depends on the whole clip")
 
