@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     paths, defaults = embedded_default()
     dit = WanModel.from_pretrained(paths.dit, dtype=torch.float32)
     text = TextEncoder.from_pretrained(paths.text_encoder, tokenizer_dir=paths.tokenizer, text_len=dit.config.text_len)
-    pipe = T2VPipeline(dit, DCAEVSpace(DCAEV.from_pretrained().float().eval(), dit.config.patch), text,
+    pipe = T2VPipeline(dit, DCAEVSpace(DCAEV.from_pretrained(paths.dcae).float().eval(), dit.config.patch), text,
                        default_negative_prompt=defaults["negative_prompt"])
     scenes = list(itertools.product(captioned.COLORS, captioned.SHAPES, captioned.MOTIONS, captioned.BACKGROUNDS))
     if args.prompts:

@@ -74,9 +74,15 @@ def encode(args) -> None:
     from dcae_v import DCAEV
     from dcae_v.io import to_model_range
 
+    from dcae_v.checkpoint import DEFAULT_CHECKPOINT
+
     torch.set_num_threads(args.threads)
     RUN.mkdir(parents=True, exist_ok=True)
     ae = DCAEV.from_pretrained().eval().float()
+    # the DiT will only understand this autoencoder's latents: keep its exact files with the run
+    if (RUN / "autoencoder").exists():
+        shutil.rmtree(RUN / "autoencoder")
+    shutil.copytree(DEFAULT_CHECKPOINT, RUN / "autoencoder")
     latents, captions = [], []
     start = time.time()
     for i in range(0, args.clips, 8):
@@ -172,6 +178,7 @@ def export() -> None:
     model.save_pretrained(ASSET / "transformer", dtype=torch.float16)
     shutil.copytree(RUN / "text_encoder", ASSET / "text_encoder")
     shutil.copytree(RUN / "tokenizer", ASSET / "tokenizer")
+    shutil.copytree(RUN / "autoencoder", ASSET / "autoencoder")  # the DC-AE-V whose latents it was trained on
     summary = json.loads((RUN / "train_summary.json").read_text())
     (ASSET / "defaults.json").write_text(json.dumps({**SAMPLING, "trained": summary}, indent=2) + "\n")
     print(f"exported to {ASSET}")

@@ -138,6 +138,7 @@ def test_generate_two_processes_equals_one(tmp_path, capsys, parallel):
 
 @pytest.mark.parametrize("argv, match", [
     (["--dit_fsdp"], "torchrun --nproc_per_node N"),
+    (["--dcae_ckpt", "default"], "cannot replace the embedded demo model's autoencoder"),
     (["--use_prompt_extend", "--prompt_extend_method", "dashscope"], "prompt extension needs an LLM"),
 ])
 def test_official_flags_we_cannot_honour_here_explain_themselves(capsys, argv, match):

@@ -46,7 +46,11 @@ def embedded_default() -> tuple[ComponentPaths, dict]:
         raise InputError(
             f"the embedded demo model is missing from this installation ({root}); pass --ckpt_dir with Wan-2.1 weights"
         )
-    paths = ComponentPaths(dit=root / "transformer", text_encoder=root / "text_encoder", tokenizer=root / "tokenizer")
+    # the demo DiT only understands the latents of the autoencoder it was trained on: it ships beside
+    # it (autoencoder/), so that a newer default DC-AE-V in dcae-v does not silently break the demo
+    pinned = root / "autoencoder"
+    paths = ComponentPaths(dit=root / "transformer", text_encoder=root / "text_encoder", tokenizer=root / "tokenizer",
+                           dcae=pinned if (pinned / "config.json").is_file() else None)
     return paths, json.loads((root / "defaults.json").read_text())
 
 
@@ -144,6 +148,9 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
             raise InputError(f"--task {task} needs --ckpt_dir (the embedded demo model is text-to-video only: t2v-tiny)")
         if args.ae == "wan-vae":
             raise InputError("the embedded demo model runs on DC-AE-V latents; drop --ae wan-vae or pass --ckpt_dir")
+        if args.dcae_ckpt is not None:
+            raise InputError("--dcae_ckpt cannot replace the embedded demo model's autoencoder (its DiT understands only "
+                             "the latents of the one it was trained on); pass --ckpt_dir too, or drop --dcae_ckpt")
         paths, defaults = embedded_default()
         log("no --ckpt_dir: using the embedded demo model t2v-tiny (a toy Wan DiT on DC-AE-V latents trained on "
             f"synthetic scenes; try --prompt \"{defaults['example_prompt']}\")")
