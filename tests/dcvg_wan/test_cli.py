@@ -89,6 +89,19 @@ def test_demo_prompt_reads_case_and_punctuation_like_the_captions_and_names_unkn
     assert {"red", "circle", "left", "background"} <= set(vocabulary) and "cat" not in vocabulary
 
 
+def test_demo_model_runs_on_the_autoencoder_it_was_trained_with():
+    """t2v-tiny carries its DC-AE-V: the pipeline loads that one, not dcae-v's (retrained) default."""
+    from dcae_v import DCAEV
+    from dcae_v.checkpoint import DEFAULT_CHECKPOINT
+    from dcvg_wan.generate import embedded_default
+
+    paths, _ = embedded_default()
+    assert paths.dcae is not None and paths.dcae.parent == paths.dit.parent
+    pinned, default = DCAEV.from_pretrained(paths.dcae), DCAEV.from_pretrained(DEFAULT_CHECKPOINT)
+    assert pinned.config.chunk_size == 8 and pinned.config.latent_channels == 64
+    assert any(not torch.equal(a, b) for a, b in zip(pinned.state_dict().values(), default.state_dict().values()))
+
+
 def test_demo_tokenizer_lowercases_like_the_captions():
     """Through transformers, as the pipeline loads it: 'A RED' must not become <unk> <unk>."""
     from transformers import AutoTokenizer
