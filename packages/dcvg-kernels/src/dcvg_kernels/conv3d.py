@@ -25,6 +25,20 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def accumulate_tap(acc, a_rows, row_ok, kk, k_ok, w_ptr, w_row0, n_cols, cols, col_ok,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += A[rows, kk] @ B[w_row0 + kk, cols]: one K block of one tap of the implicit GEMM.
+    A rows start at the pointers `a_rows` (channels contiguous), B is [K, n_cols] row-major."""
+    a = tl.load(a_rows[:, None] + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    b = tl.load(w_ptr + (w_row0 + kk)[:, None] * n_cols + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0)
+    if UPCAST:  # interpreter: multiply in fp32 (its bf16 arithmetic is wrong)
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _conv3d_fwd(
     x_ptr, ctx_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
     M, T, H, W, Cin, Cout, CTX_N, CHUNK,
@@ -94,14 +108,7 @@ def _conv3d_fwd(
             if HAS_CTX:
                 a_row = tl.where(s >= 0, a_row, ctx_base + (di * sct + dj * sch + dl * scw))
             kk = k0 + ks
-            k_ok = kk < Cin
-            a = tl.load(a_row[:, None] + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + (tap * Cin + kk)[:, None] * Cout + cols[None, :],
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = accumulate_tap(acc, a_row, ok, kk, kk < Cin, w_ptr, tap * Cin, Cout, cols, col_ok, UPCAST, PRECISION)
     else:
         for i in tl.static_range(KT):
             s = t_o + (i - SHIFT)  # input frame of this tap; < 0 means the context
@@ -118,14 +125,8 @@ def _conv3d_fwd(
                     w_tap = ((i * KH + j) * KW + l) * Cin
                     for k0 in range(0, Cin, BLOCK_K):
                         kk = k0 + ks
-                        k_ok = kk < Cin
-                        a = tl.load(a_row[:, None] + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-                        b = tl.load(w_ptr + (w_tap + kk)[:, None] * Cout + cols[None, :],
-                                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                        if UPCAST:
-                            a = a.to(tl.float32)
-                            b = b.to(tl.float32)
-                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                        acc = accumulate_tap(acc, a_row, ok, kk, kk < Cin, w_ptr, w_tap, Cout, cols, col_ok, UPCAST,
+                                             PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]

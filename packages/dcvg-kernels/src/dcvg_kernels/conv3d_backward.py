@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dcvg_kernels.conv3d import DTYPES, INTERPRET
+from dcvg_kernels.conv3d import DTYPES, INTERPRET, accumulate_tap
 from dcvg_kernels.reference import check_conv3d_args, output_memory_format
 
 
@@ -84,14 +84,8 @@ def _conv3d_dgrad(
             ok = row_ok & (t >= t_first) & (t < T) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             g_row = g_ptr + (g_base + (dt * sgt - dh * sgh - dw * sgw))
             kk = k0 + ks
-            k_ok = kk < Cout
-            a = tl.load(g_row[:, None] + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + (tap * Cout + kk)[:, None] * Cin + cols[None, :],
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = accumulate_tap(acc, g_row, ok, kk, kk < Cout, w_ptr, tap * Cout, Cin, cols, col_ok, UPCAST,
+                                 PRECISION)
     else:
         for i in tl.static_range(KT):
             t = s + (SHIFT - i)  # the output frame whose tap i read frame s
@@ -105,14 +99,8 @@ def _conv3d_dgrad(
                     w_tap = ((i * KH + j) * KW + l) * Cout
                     for k0 in range(0, Cout, BLOCK_K):
                         kk = k0 + ks
-                        k_ok = kk < Cout
-                        a = tl.load(g_row[:, None] + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-                        b = tl.load(w_ptr + (w_tap + kk)[:, None] * Cin + cols[None, :],
-                                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                        if UPCAST:
-                            a = a.to(tl.float32)
-                            b = b.to(tl.float32)
-                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                        acc = accumulate_tap(acc, g_row, ok, kk, kk < Cout, w_ptr, w_tap, Cin, cols, col_ok, UPCAST,
+                                             PRECISION)
 
 
     cols64 = cols.to(tl.int64)
