@@ -72,9 +72,8 @@ def build_text_encoder(directory: Path, vocab_size: int):
 
 def encode(args) -> None:
     from dcae_v import DCAEV
-    from dcae_v.io import to_model_range
-
     from dcae_v.checkpoint import DEFAULT_CHECKPOINT
+    from dcae_v.io import to_model_range
 
     torch.set_num_threads(args.threads)
     RUN.mkdir(parents=True, exist_ok=True)

@@ -31,14 +31,21 @@ class FixedEmbeddings:
         return [self.table[p] for p in prompts]
 
 
+def twins(cfg, ref_dit, vae_seed: int):
+    """Our DiT and VAE holding the weights of the diffusers `ref_dit` and of a random VAE, plus that
+    VAE as diffusers' AutoencoderKLWan: (dit, vae, ref_vae)."""
+    dit = WanModel(cfg).eval()
+    dit.load_state_dict(to_official(ref_dit.state_dict(), "diffusers"), strict=True)
+    vae = make_vae(vae_seed)
+    ref_vae = diffusers_twin(vae.config)
+    ref_vae.load_state_dict(vae_to_diffusers(vae.state_dict()), strict=True)
+    return dit, vae, ref_vae
+
+
 def test_t2v_video_matches_diffusers_wan_pipeline(randomize):
     cfg = get_preset("debug-t2v")
     ref_dit = twin(cfg, randomize)
-    dit = WanModel(cfg).eval()
-    dit.load_state_dict(to_official(ref_dit.state_dict(), "diffusers"), strict=True)
-    vae = make_vae(4)
-    ref_vae = diffusers_twin(vae.config)
-    ref_vae.load_state_dict(vae_to_diffusers(vae.state_dict()), strict=True)
+    dit, vae, ref_vae = twins(cfg, ref_dit, 4)
 
     gen = torch.Generator().manual_seed(0)
     cond = torch.randn(cfg.text_len, cfg.text_dim, generator=gen)
@@ -81,11 +88,7 @@ def test_i2v_video_matches_diffusers_image_to_video_pipeline(randomize):
 
     cfg = get_preset("debug-i2v")
     ref_dit = dit_twin(cfg, 5, randomize)
-    dit = WanModel(cfg).eval()
-    dit.load_state_dict(to_official(ref_dit.state_dict(), "diffusers"), strict=True)
-    vae = make_vae(6)
-    ref_vae = diffusers_twin(vae.config)
-    ref_vae.load_state_dict(vae_to_diffusers(vae.state_dict()), strict=True)
+    dit, vae, ref_vae = twins(cfg, ref_dit, 6)
 
     gen = torch.Generator().manual_seed(1)
     cond = torch.randn(cfg.text_len, cfg.text_dim, generator=gen)

@@ -90,28 +90,19 @@ def compile_one(fn, kernel: str, types: dict[str, str], const: dict, num_warps: 
 
 def conv_rows():
     from dcvg_kernels import conv3d
-
-    types = {n: "*bf16" for n in conv3d._conv3d_fwd.arg_names if n.endswith("_ptr")}
-    fixed = {"KT": 3, "KH": 3, "KW": 3, "SHIFT": 1, "CHUNKED": True, "HAS_CTX": False, "HAS_BIAS": True,
-             "HAS_RES": False, "UPCAST": False, "PRECISION": None, "BIG_M": False}
-    for cfg in conv3d._configs():
-        const = {**fixed, "FLAT_K": False, **cfg.kwargs}
-        name = (f"conv3d fwd bf16 {const['BLOCK_M']}x{const['BLOCK_N']}x{const['BLOCK_K']} w{cfg.num_warps} "
-                f"s{cfg.num_stages} {'flat' if const['FLAT_K'] else 'per-tap'}")
-        yield name, conv3d._conv3d_fwd, "conv", types, const, cfg
-
-
-def conv_dgrad_rows():
     from dcvg_kernels import conv3d_backward as bw
 
-    types = {n: "*bf16" for n in bw._conv3d_dgrad.arg_names if n.endswith("_ptr")}
     fixed = {"KT": 3, "KH": 3, "KW": 3, "SHIFT": 1, "CHUNKED": True, "HAS_CTX": False, "UPCAST": False,
              "PRECISION": None, "BIG_M": False}
-    for cfg in bw._dgrad_configs():
-        const = {**fixed, "FLAT_K": False, **cfg.kwargs}
-        name = (f"conv3d dgrad bf16 {const['BLOCK_M']}x{const['BLOCK_N']}x{const['BLOCK_K']} w{cfg.num_warps} "
-                f"s{cfg.num_stages} {'flat' if const['FLAT_K'] else 'per-tap'}")
-        yield name, bw._conv3d_dgrad, "conv", types, const, cfg
+    kernels = [("fwd", conv3d._conv3d_fwd, conv3d._configs(), {"HAS_BIAS": True, "HAS_RES": False}),
+               ("dgrad", bw._conv3d_dgrad, bw._dgrad_configs(), {})]
+    for label, fn, configs, extra in kernels:
+        types = {n: "*bf16" for n in fn.arg_names if n.endswith("_ptr")}
+        for cfg in configs:
+            const = {**fixed, **extra, "FLAT_K": False, **cfg.kwargs}
+            name = (f"conv3d {label} bf16 {const['BLOCK_M']}x{const['BLOCK_N']}x{const['BLOCK_K']} "
+                    f"w{cfg.num_warps} s{cfg.num_stages} {'flat' if const['FLAT_K'] else 'per-tap'}")
+            yield name, fn, "conv", types, const, cfg
 
 
 def attention_rows():
@@ -140,7 +131,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     rows = []
     if args.what in ("all", "conv"):
-        rows += list(conv_rows()) + list(conv_dgrad_rows())
+        rows += list(conv_rows())
     if args.what in ("all", "attention"):
         rows += list(attention_rows())
     for name, fn, kernel, types, const, cfg in rows:

@@ -38,8 +38,9 @@ def _chunk_windows(x, weight, bias, chunk, p, left, spatial):
         y = F.conv3d(windows.flatten(0, 1), weight, bias, padding=spatial)
         outs.append(y.unflatten(0, (b, n_full)).transpose(1, 2).flatten(2, 3))
     if rem:
-        before = torch.cat([left, x[:, :, :n_full * chunk]], dim=2)
-        tail = torch.cat([before[:, :, before.shape[2] - p:], x[:, :, n_full * chunk:], x.new_zeros(b, c, p, h, w)], 2)
+        start = n_full * chunk
+        prev = x[:, :, start - p:start] if n_full else left  # the p frames before the partial chunk
+        tail = torch.cat([prev, x[:, :, start:], x.new_zeros(b, c, p, h, w)], 2)
         outs.append(F.conv3d(tail, weight, bias, padding=spatial))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 

@@ -26,15 +26,16 @@ EXAMPLE_PROMPT = {  # wan/configs/__init__.py / generate.py EXAMPLE_PROMPT
     "crystal-clear waters, distant green hills, and a blue sky dotted with white clouds. The cat assumes a naturally "
     "relaxed posture, as if savoring the sea breeze and warm sunlight. A close-up shot highlights the feline's "
     "intricate details and the refreshing atmosphere of the seaside.",
+    "t2i": "一个朴素端庄的美人",
 }
-EXAMPLE_PROMPT["t2i"] = "一个朴素端庄的美人"  # the official t2i-14B example prompt
 TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B")
+_VACE = "VACE (Wan2.1-VACE) is another architecture, not implemented here"
 # official tasks this package does not run, with the reason (so they fail with it, not with a usage error)
 NOT_SUPPORTED = {
     "flf2v-14B": "first-last-frame-to-video is not implemented here (the DiT loads FLF2V weights, but there is no "
                  "pipeline for two conditioning frames)",
-    "vace-1.3B": "VACE (Wan2.1-VACE) is another architecture, not implemented here",
-    "vace-14B": "VACE (Wan2.1-VACE) is another architecture, not implemented here",
+    "vace-1.3B": _VACE,
+    "vace-14B": _VACE,
 }
 EMBEDDED = "t2v-tiny"
 

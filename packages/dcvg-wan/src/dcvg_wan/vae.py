@@ -319,10 +319,10 @@ class WanVAE(nn.Module):
             moments = self._encode_tile(x)
         else:
             s = self.spatial_compression
-            grid = [[self._encode_tile(x[..., i : i + spec.min_height, j : j + spec.min_width])
-                     for j in tile_starts(width, spec.stride_width)] for i in tile_starts(height, spec.stride_height)]
-            moments = stitch(grid, ((spec.min_height - spec.stride_height) // s, (spec.min_width - spec.stride_width) // s),
-                             (spec.stride_height // s, spec.stride_width // s), (height // s, width // s))
+            (th, tw), (sh, sw) = spec.size(), spec.stride()
+            grid = [[self._encode_tile(x[..., i : i + th, j : j + tw]) for j in tile_starts(width, sw)]
+                    for i in tile_starts(height, sh)]
+            moments = stitch(grid, spec.blend(s), spec.stride(s), (height // s, width // s))
         mu, logvar = moments.float().chunk(2, dim=1)
         return mu, logvar
 
@@ -351,10 +351,10 @@ class WanVAE(nn.Module):
     def _decode_frames(self, z: torch.Tensor, normalized: bool, cache: Cache) -> Iterator[torch.Tensor]:
         spec, s = self.tiling, self.spatial_compression
         height, width = z.shape[3:]
-        tiled = spec is not None and (height > spec.min_height // s or width > spec.min_width // s)
+        tiled = spec is not None and (height > spec.size(s)[0] or width > spec.size(s)[1])
         if tiled:  # one streaming cache per tile; each latent frame is decoded tile by tile, then stitched
-            boxes = [[(i, j) for j in tile_starts(width, spec.stride_width // s)]
-                     for i in tile_starts(height, spec.stride_height // s)]
+            (lh, lw), (sh, sw) = spec.size(s), spec.stride(s)
+            boxes = [[(i, j) for j in tile_starts(width, sw)] for i in tile_starts(height, sh)]
             caches = {box: {} for row in boxes for box in row}
         for t in range(z.shape[2]):
             zi = z[:, :, t : t + 1]
@@ -362,11 +362,9 @@ class WanVAE(nn.Module):
             if not tiled:
                 yield self.decoder(zi, cache).float().clamp_(-1.0, 1.0)
                 continue
-            lh, lw = spec.min_height // s, spec.min_width // s
             grid = [[self.decoder(zi[..., i : i + lh, j : j + lw], caches[(i, j)]).float() for i, j in row]
                     for row in boxes]
-            yield stitch(grid, (spec.min_height - spec.stride_height, spec.min_width - spec.stride_width),
-                         (spec.stride_height, spec.stride_width), (height * s, width * s)).clamp_(-1.0, 1.0)
+            yield stitch(grid, spec.blend(), spec.stride(), (height * s, width * s)).clamp_(-1.0, 1.0)
 
     # ---- input checks ----------------------------------------------------------------------
     def _check_size(self, frames: int, height: int, width: int) -> None:

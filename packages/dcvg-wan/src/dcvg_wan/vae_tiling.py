@@ -38,6 +38,17 @@ class TileSpec:
                              f"({self.min_height}, {self.min_width}): tiles would leave gaps")
         return self
 
+    def size(self, scale: int = 1) -> tuple[int, int]:
+        """Tile height and width, in pixels / scale (scale 8: latent pixels)."""
+        return self.min_height // scale, self.min_width // scale
+
+    def stride(self, scale: int = 1) -> tuple[int, int]:
+        return self.stride_height // scale, self.stride_width // scale
+
+    def blend(self, scale: int = 1) -> tuple[int, int]:
+        """Overlap of neighbouring tiles, over which they are cross-faded."""
+        return (self.min_height - self.stride_height) // scale, (self.min_width - self.stride_width) // scale
+
 
 def tile_starts(length: int, stride: int) -> list[int]:
     return list(range(0, length, stride))
