@@ -110,6 +110,61 @@ def test_triton_empty_query(triton_attention):
     assert dq.shape == q.shape and dk.abs().sum() == 0 and dv.abs().sum() == 0
 
 
+# --- configs run alone: TMA descriptor loads/stores, and the non-positive-scale branch -----------
+
+TMA_SHAPES = [  # batch boundaries inside a tail block (b = 2), cross-attention, tails shorter than a block
+    ("batch-2-ragged", {"lq": 40, "lk": 70, "d": 64}, torch.float32),
+    ("cross-attn-Lkv512-fp16", {"b": 1, "lq": 17, "lk": 512, "h": 1, "d": 128}, torch.float16),
+    ("tiny-tails", {"lq": 5, "lk": 3, "h": 3, "d": 32}, torch.float32),
+]
+
+
+@pytest.mark.parametrize("name, kw, dtype", TMA_SHAPES, ids=[s[0] for s in TMA_SHAPES])
+@pytest.mark.parametrize("block_m", [32, 64])
+def test_tma_config_matches_reference(triton_attention, name, kw, dtype, block_m):
+    """The descriptor paths (forward, dK/dV, dQ) read tails as zeros and drop the stores past L:
+    rows of the next batch element are neither read nor overwritten (b = 2, partial last block)."""
+    from dcvg_kernels import flash_attention
+
+    cfg = flash_attention.attention_config(block_m, 32, tma=True)
+    q, k, v = (t.detach() for t in make_qkv(dtype=dtype, **kw))
+    out, lse = flash_attention.attention_forward(q, k, v, config=cfg)
+    g = torch.Generator().manual_seed(1)
+    g_out = torch.randn(out.shape, generator=g).to(dtype)
+    grads = flash_attention.attention_backward(g_out, q, k, v, out, lse, config=cfg)
+
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out64, lse64 = attention_reference(q64, k64, v64)
+    want = torch.autograd.grad((out64 * g_out.double()).sum(), (q64, k64, v64))
+    torch.testing.assert_close(out.double(), out64, **TOL[dtype])
+    torch.testing.assert_close(lse.double(), lse64, atol=1e-5, rtol=1e-5)
+    for axis, got, ref in zip("qkv", grads, want):
+        torch.testing.assert_close(got.double(), ref, **TOL[dtype], msg=lambda m, n=axis: f"d{n}: {m}")
+
+
+def test_tma_config_refused_where_descriptors_cannot_work(triton_attention):
+    """Head dim 12 is not a power of two (the box covers the row): a TMA config is refused by
+    name; the autotuners fall back to pointer configs (the head-dim-12 case above)."""
+    from dcvg_kernels import flash_attention
+
+    q, k, v = (t.detach() for t in make_qkv(lq=6, lk=9, d=12))
+    assert flash_attention.tma_descriptors((q, k, v), 16) is None
+    shifted = torch.randn(1 + 6 * 2 * 16)[1:].view(1, 6, 2, 16)  # base 4 bytes past a 16-byte boundary
+    assert flash_attention.tma_descriptors((shifted,), 16) is None
+    assert flash_attention.tma_descriptors((shifted.clone(),), 16) is not None
+    heads_strided = torch.randn(1, 2, 6, 16).transpose(1, 2)  # a [B, H, L, D] tensor seen as [B, L, H, D]
+    assert flash_attention.tma_descriptors((heads_strided,), 16) is None
+    with pytest.raises(ValueError, match="cannot use a TMA config"):
+        flash_attention.attention_forward(q, k, v, config=flash_attention.attention_config(32, 32, tma=True))
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_forward_with_non_positive_scale(triton_attention, scale):
+    """The kernel folds the scale into one FMA after the row max only for scale > 0 (max commutes
+    with a positive scale); a negative or zero scale takes the other branch and stays exact."""
+    check_against_reference(triton_attention, *make_qkv(lq=7, lk=40, h=1, d=16), TOL[torch.float32], scale=scale)
+
+
 # --- fallback and backend selection -----------------------------------------------------------
 
 def test_fallback_equals_sdpa():

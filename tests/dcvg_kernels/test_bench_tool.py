@@ -38,8 +38,8 @@ def test_check_needs_cuda(bench):
 
 def test_kernels_compile_for_hopper_without_spills():
     """tools/bench/compile_report.py compiles for sm_90 on this GPU-less machine (triton ships ptxas):
-    the flat conv forward/dgrad and an attention forward/dK-dV config lower to wgmma with pipelined
-    cp.async loads and spill nothing. A kernel change that breaks Hopper compilation, or makes these
+    the flat conv forward/dgrad and an attention forward and dK-dV config (each with pointer and
+    TMA loads) lower to wgmma with pipelined cp.async (or TMA bulk) loads and spill nothing. A kernel change that breaks Hopper compilation, or makes these
     configs spill, fails here instead of on the next lent GPU."""
     import re
     import subprocess
@@ -51,7 +51,40 @@ def test_kernels_compile_for_hopper_without_spills():
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if re.match(r"\| (conv3d|attention) ", line)]
-    assert len(rows) == 4, proc.stdout
-    for name, regs, stack, shared, wgmma, cp_async, _ in (map(str.strip, r) for r in rows):
+    assert len(rows) == 6, proc.stdout
+    for name, regs, stack, shared, wgmma, cp_async, tma, _ in (map(str.strip, r) for r in rows):
         assert not regs.startswith("error"), f"{name}: {regs}"
         assert int(stack) == 0 and int(wgmma) > 0 and int(cp_async) > 0, (name, regs, stack, wgmma, cp_async)
+        assert (int(tma) > 0) == name.endswith(" tma"), (name, tma)
+
+
+def test_bench_names_the_attention_configs_it_timed(bench):
+    """The GPU table says which config (and pointer or TMA loads) each autotuner picked; here the
+    interpreter's single config, after one forward and backward through the custom op."""
+    import torch
+
+    from dcvg_kernels import attention
+
+    q, k, v = (torch.randn(1, 20, 1, 16, requires_grad=True) for _ in range(3))
+    attention(q, k, v, backend="triton").sum().backward()
+    assert bench["tuned_attention_configs"]() == ("[fwd 32x32 w4 s2 pointers, dkdv 32x32 w4 s2 pointers, "
+                                                  "dq 32x32 w4 s2 pointers]")
+
+
+def test_gpu_check_runs_every_load_path(bench):
+    """`--check` checks the autotuned op and a pointer and a TMA config run alone; each of its runs
+    gives out, lse and the three gradients of the reference (here in the interpreter, fp32)."""
+    import torch
+
+    from dcvg_kernels import attention_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 2, 32, generator=g).requires_grad_() for n in (70, 45, 45))
+    grad = torch.randn(2, 70, 2, 32, generator=g)
+    out, lse = attention_reference(*(t.double() for t in (q, k, v)))
+    want = [out, lse, *torch.autograd.grad(out, (q, k, v), grad.double())]
+    runs = bench["_attention_check_runs"]()
+    assert [label.split()[-1] for label, _ in runs] == ["autotuned", "pointers", "tma"]
+    for label, run in runs:
+        for got, ref in zip(run(q, k, v, grad), want):
+            torch.testing.assert_close(got.double(), ref.double(), atol=2e-5, rtol=2e-5, msg=lambda m, run=label: f"{run}: {m}")

@@ -85,7 +85,8 @@ def compile_one(fn, kernel: str, types: dict[str, str], const: dict, num_warps: 
     reg, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
     return {"regs": int(reg.group(1)) if reg else None, "stack": int(stack.group(1)) if stack else None,
             "shared": compiled.metadata.shared, "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
-            "cp_async": len(re.findall(r"cp\.async", ptx)), "seconds": seconds}
+            "cp_async": len(re.findall(r"cp\.async", ptx)), "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+            "seconds": seconds}
 
 
 def conv_rows():
@@ -112,12 +113,24 @@ def attention_rows():
     kernels = [("fwd", fa._attn_fwd, fa._configs("fwd")), ("bwd dkdv", fa._attn_bwd_dkdv, fa._configs("dkdv")),
                ("bwd dq", fa._attn_bwd_dq, fa._configs("dq"))]
     for label, fn, configs in kernels:
-        types = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-        types.update({n: "*fp32" for n in ("LSE", "DELTA")})
-        types.update({"qk_scale": "fp32", "sm_scale": "fp32"})
         for cfg in configs:
+            types = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+            types.update({n: "*fp32" for n in ("LSE", "DELTA")})
+            types.update({"qk_scale": "fp32", "sm_scale": "fp32"})
             const = {**fixed, **cfg.kwargs}
-            name = f"attention {label} bf16 d128 {const['BLOCK_M']}x{const['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+            tma = bool(cfg.kwargs["USE_TMA"])
+            const["TMA_OK"] = tma
+            if label == "fwd":
+                const["FOLD_SCALE"] = True
+            for name in (n for n in fn.arg_names if n.startswith("desc_")):  # typed by their boxes, or None
+                if tma:
+                    block = cfg.kwargs["BLOCK_M" if name in fa._Q_SIDE else "BLOCK_N"]
+                    types[name] = f"tensordesc<bf16[1,{block},128]>"
+                else:
+                    const[name] = None
+            loads = " tma" if tma else " pointers"
+            name = (f"attention {label} bf16 d128 {const['BLOCK_M']}x{const['BLOCK_N']} w{cfg.num_warps} "
+                    f"s{cfg.num_stages}{loads}")
             yield name, fn, "attention", types, const, cfg
 
 
@@ -127,8 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="a regular expression: only the configs whose row name matches")
     args = ap.parse_args(argv)
     print(f"# sm_90 compile report (triton {triton.__version__}, no GPU needed)\n")
-    print("| kernel / config | regs | spill stack B | shared KB | wgmma | cp.async | compile s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel / config | regs | spill stack B | shared KB | wgmma | cp.async | TMA copies | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     if args.what in ("all", "conv"):
         rows += list(conv_rows())
@@ -140,9 +153,9 @@ def main(argv=None) -> int:
         try:
             r = compile_one(fn, kernel, types, const, cfg.num_warps, cfg.num_stages)
         except Exception as e:  # noqa: BLE001 - a config that does not compile is a finding, not a crash
-            print(f"| {name} | error: {type(e).__name__}: {str(e).splitlines()[0][:120]} ||||||", flush=True)
+            print(f"| {name} | error: {type(e).__name__}: {str(e).splitlines()[0][:120]} |||||||", flush=True)
             continue
-        print(f"| {name} | {r['regs']} | {r['stack']} | {r['shared'] / 1024:.0f} | {r['wgmma']} | {r['cp_async']} | "
+        print(f"| {name} | {r['regs']} | {r['stack']} | {r['shared'] / 1024:.0f} | {r['wgmma']} | {r['cp_async']} | {r['tma']} | "
               f"{r['seconds']:.1f} |", flush=True)
     return 0
 

@@ -135,7 +135,8 @@ def gpu_attention(lengths, heads, dtype, device="cuda", timer=gpu_time) -> list[
                 continue
             rows.append({"kernel": "attention", "L": length, "H": heads, "D": 128, "impl": name, "max_err": err,
                          "fwd_ms": fwd, "fwd_tflops": fwd_flops / fwd[0] / 1e9,
-                         "fwdbwd_ms": both, "fwdbwd_tflops": 3.5 * fwd_flops / both[0] / 1e9})
+                         "fwdbwd_ms": both, "fwdbwd_tflops": 3.5 * fwd_flops / both[0] / 1e9,
+                         "config": tuned_attention_configs() if name == "triton" else ""})
         del q, k, v, grad
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -224,6 +225,26 @@ def _rel(got, want) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
 
 
+def _attention_check_runs():
+    """(label, run) pairs, run(q, k, v, grad) -> [out, lse, dq, dk, dv]: the autotuned custom op,
+    then one pointer and one TMA config alone, so both load paths are checked whichever one the
+    autotuners pick."""
+    from dcvg_kernels import flash_attention as fa
+
+    def op(q, k, v, grad):
+        out, lse = attention_with_lse(q, k, v, backend="triton")
+        return [out, lse, *torch.autograd.grad(out, (q, k, v), grad)]
+
+    def alone(config):
+        def run(q, k, v, grad):
+            out, lse = fa.attention_forward(q.detach(), k.detach(), v.detach(), config=config)
+            return [out, lse, *fa.attention_backward(grad, q.detach(), k.detach(), v.detach(), out, lse, config=config)]
+        return run
+
+    return [("autotuned", op), ("64x64 w4 s2 pointers", alone(fa.attention_config(64, 64, 4, 2))),
+            ("64x64 w4 s2 tma", alone(fa.attention_config(64, 64, 4, 2, tma=True)))]
+
+
 def check_cuda(device: str = "cuda", what: str = "all") -> bool:
     """Triton vs the fp32 torch references on ragged shapes, forward and all gradients."""
     ok = True
@@ -232,17 +253,21 @@ def check_cuda(device: str = "cuda", what: str = "all") -> bool:
     for (b, lq, lk, h, d), dtype in CHECK_ATTENTION if what in ("all", "attention") else []:
         torch.manual_seed(0)
         q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype).requires_grad_() for n in (lq, lk, lk))
-        out, lse = attention_with_lse(q, k, v, backend="triton")
-        grad = torch.randn_like(out)
-        got = [out, lse, *torch.autograd.grad(out, (q, k, v), grad)]
+        grad = torch.randn(b, lq, h, d, device=device, dtype=dtype)
         q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
         out32, lse32 = attention_reference(q32, k32, v32)
         want = [out32, lse32, *torch.autograd.grad(out32, (q32, k32, v32), grad.float())]
-        errs = [_rel(g, w) for g, w in zip(got, want)]
-        good = max(errs) < tol[dtype]
-        ok &= good
-        print(f"| attention B{b} Lq{lq} Lk{lk} H{h} D{d} (out, lse, dq, dk, dv) | {dtype} | "
-              f"{', '.join(f'{e:.1e}' for e in errs)} | {good} |")
+        for label, run in _attention_check_runs():
+            try:
+                got = run(q, k, v, grad)
+            except ValueError as e:  # a TMA config this input cannot take
+                print(f"| attention B{b} Lq{lq} Lk{lk} H{h} D{d} {label} | {dtype} | n/a: {_first_line(e)} | - |")
+                continue
+            errs = [_rel(g, w) for g, w in zip(got, want)]
+            good = max(errs) < tol[dtype]
+            ok &= good
+            print(f"| attention B{b} Lq{lq} Lk{lk} H{h} D{d} {label} (out, lse, dq, dk, dv) | {dtype} | "
+                  f"{', '.join(f'{e:.1e}' for e in errs)} | {good} |")
     for (cin, cout, t, hw, kk, mode, chunk, ctx), dtype in CHECK_CONV if what in ("all", "conv") else []:
         torch.manual_seed(0)
         x = torch.randn(1, cin, t, *hw, device=device, dtype=dtype).contiguous(
@@ -322,6 +347,20 @@ def tuned_conv_config() -> str:
     return f"[{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{best.num_warps} s{best.num_stages} {loop}]"
 
 
+def tuned_attention_configs() -> str:
+    """The attention autotuners' last picks, e.g. `[fwd 128x64 w8 s3 tma, dkdv ..., dq ...]`."""
+    from dcvg_kernels import flash_attention as fa
+
+    picks = []
+    for label, tuned in (("fwd", fa._fwd_tuned), ("dkdv", fa._dkdv_tuned), ("dq", fa._dq_tuned)):
+        best = getattr(tuned, "best_config", None)
+        if best is not None:
+            kw = best.kwargs
+            loads = "tma" if kw.get("USE_TMA") else "pointers"
+            picks.append(f"{label} {kw['BLOCK_M']}x{kw['BLOCK_N']} w{best.num_warps} s{best.num_stages} {loads}")
+    return f"[{', '.join(picks)}]" if picks else ""
+
+
 def print_gpu(rows):
     """Table rows (ratio = baseline time / Triton time; > 1 means Triton is faster)."""
     for r in rows:
@@ -329,7 +368,8 @@ def print_gpu(rows):
             if "error" in r:
                 print(f"| {r['L']} | {r['impl']} | error: {r['error']} |||||||")
                 continue
-            print(f"| {r['L']} | {r['impl']} | {fmt_ms(r['fwd_ms'])} | {r['fwd_tflops']:.0f} | "
+            impl = f"{r['impl']} {r['config']}" if r.get("config") else r["impl"]
+            print(f"| {r['L']} | {impl} | {fmt_ms(r['fwd_ms'])} | {r['fwd_tflops']:.0f} | "
                   f"{r.get('fwd_ratio', 1.0):.2f} | {fmt_ms(r['fwdbwd_ms'])} | {r['fwdbwd_tflops']:.0f} | "
                   f"{r.get('fwdbwd_ratio', 1.0):.2f} | {r['max_err']:.1e} |")
         elif "error" in r:

@@ -7,7 +7,8 @@ program per KV block accumulates dK, dV over all Q blocks, and one program per Q
 accumulates dQ over all KV blocks (no atomics). Non-causal, no mask: only the tails of Lq and Lk
 are masked, in the kernel, and only in the last (peeled) block of each loop, so full blocks run
 unmasked and nothing is padded in memory. Head dims up to 128; a head dim that is not a power
-of two is masked on the D axis too.
+of two is masked on the D axis too. Every kernel reads its tiles by masked pointer loads or, on
+Hopper and newer where the strides allow, by TMA descriptors; the autotuner picks among both.
 
 Import this module only after TRITON_INTERPRET is settled (`ops` imports it lazily).
 """
@@ -18,6 +19,11 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: pointer loads only
+    TensorDescriptor = None
 
 from dcvg_kernels.reference import check_attention_args
 
@@ -47,23 +53,52 @@ def _store_rows(base, rows, row_ok, offs_d, stride_l, val, HEAD_D: tl.constexpr)
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, q, k_base, v_base, start_n, Lk, skl, svl, qk_scale, offs_n, offs_d,
-               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr):
+def _load_tile(base, desc, b, h, start, rows, row_ok, offs_d, stride_l, HEAD_D: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, MASK: tl.constexpr, USE_TMA: tl.constexpr):
+    """A [BLOCK, BLOCK_D] tile of rows start.. of one (batch, head): one TMA copy (rows past L
+    read 0) or masked pointer loads."""
+    if USE_TMA:
+        return desc.load([b, start, h * BLOCK_D]).reshape(BLOCK, BLOCK_D)
+    return _load_rows(base, rows, row_ok, offs_d, stride_l, HEAD_D, BLOCK_D, MASK)
+
+
+@triton.jit
+def _store_tile(base, desc, b, h, start, rows, row_ok, offs_d, stride_l, val, HEAD_D: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
+    """Store a [BLOCK, BLOCK_D] fp32 tile in the tensor's dtype; rows past L are dropped."""
+    if USE_TMA:
+        desc.store([b, start, h * BLOCK_D], val.to(desc.dtype).reshape(1, BLOCK, BLOCK_D))
+    else:
+        _store_rows(base, rows, row_ok, offs_d, stride_l, val, HEAD_D)
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, k_base, v_base, desc_k, desc_v, b32, h32, start_n, Lk, skl, svl, qk_scale, offs_n,
+               offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr, USE_TMA: tl.constexpr):
     """One KV block of the online softmax; MASK only for the last, partial block."""
     cols = start_n + offs_n
     col_ok = cols < Lk
-    k = _load_rows(k_base, cols, col_ok, offs_d, skl, HEAD_D, BLOCK_D, MASK)
-    v = _load_rows(v_base, cols, col_ok, offs_d, svl, HEAD_D, BLOCK_D, MASK)
+    k = _load_tile(k_base, desc_k, b32, h32, start_n, cols, col_ok, offs_d, skl, HEAD_D, BLOCK_D, BLOCK_N, MASK, USE_TMA)
+    v = _load_tile(v_base, desc_v, b32, h32, start_n, cols, col_ok, offs_d, svl, HEAD_D, BLOCK_D, BLOCK_N, MASK, USE_TMA)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
-    if MASK:  # zero-filled K rows would score 0, not -inf
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if FOLD_SCALE:
+        # scale > 0 commutes with the row max, so the scale and the shift become one FMA per score
+        # (the softmax, not the dots, bounds this loop at d = 128)
+        if MASK:  # zero-filled K rows would score 0, not -inf
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+    else:
+        s = s * qk_scale  # log2 units
+        if MASK:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
@@ -72,16 +107,22 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, start_n, Lk, skl, svl, qk_scale
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, desc_q, desc_k, desc_v, desc_o,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
     H, Lq, Lk, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, TMA_OK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """USE_TMA configs read Q/K/V and write O through tensor descriptors (see `tma_descriptors`):
+    fewer registers than pointer tiles, and the tails come for free (rows past L read 0, stores
+    past L are dropped). They exist only where TMA_OK."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b32 = pid_bh // H
+    h32 = pid_bh % H
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
     offs_n = tl.arange(0, BLOCK_N)
@@ -89,7 +130,8 @@ def _attn_fwd(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
-    q = _load_rows(Q + b * sqb + h * sqh, rows, row_ok, offs_d, sql, HEAD_D, BLOCK_D, True)
+    q = _load_tile(Q + b * sqb + h * sqh, desc_q, b32, h32, pid_m * BLOCK_M, rows, row_ok, offs_d, sql, HEAD_D,
+                   BLOCK_D, BLOCK_M, True, USE_TMA)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -97,14 +139,17 @@ def _attn_fwd(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     n_full = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, start_n, Lk, skl, svl, qk_scale, offs_n,
-                                   offs_d, HEAD_D, BLOCK_D, False, UPCAST, PRECISION)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, desc_k, desc_v, b32, h32, start_n, Lk, skl, svl,
+                                   qk_scale, offs_n, offs_d, HEAD_D, BLOCK_D, BLOCK_N, False, UPCAST, PRECISION,
+                                   FOLD_SCALE, USE_TMA)
     if n_full < Lk:
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_full, Lk, skl, svl, qk_scale, offs_n,
-                                   offs_d, HEAD_D, BLOCK_D, True, UPCAST, PRECISION)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, desc_k, desc_v, b32, h32, n_full, Lk, skl, svl,
+                                   qk_scale, offs_n, offs_d, HEAD_D, BLOCK_D, BLOCK_N, True, UPCAST, PRECISION,
+                                   FOLD_SCALE, USE_TMA)
 
     acc = acc / l_i[:, None]
-    _store_rows(O + b * sob + h * soh, rows, row_ok, offs_d, sol, acc, HEAD_D)
+    _store_tile(O + b * sob + h * soh, desc_o, b32, h32, pid_m * BLOCK_M, rows, row_ok, offs_d, sol, acc, HEAD_D,
+                BLOCK_D, BLOCK_M, USE_TMA)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log of sum_j exp(scale * q·k_j)
     tl.store(LSE + pid_bh.to(tl.int64) * Lq + rows, lse, mask=row_ok)
 
@@ -126,14 +171,16 @@ def _attn_bwd_delta(O, DO, DELTA, sob, sol, soh, sdb, sdl, sdh, H, Lq,
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, Lq, sql, sdl, qk_scale, offs_m,
-                offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr):
+def _dkdv_block(dk, dv, k, v, q_base, do_base, desc_q, desc_do, b32, h32, lse_base, delta_base, start_m, Lq, sql, sdl,
+                qk_scale, offs_m, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """One Q block's contribution to dK, dV, all in transposed form ([BLOCK_N, BLOCK_M] scores)."""
     rows = start_m + offs_m
     row_ok = rows < Lq
-    q = _load_rows(q_base, rows, row_ok, offs_d, sql, HEAD_D, BLOCK_D, MASK)
-    do = _load_rows(do_base, rows, row_ok, offs_d, sdl, HEAD_D, BLOCK_D, MASK)
+    q = _load_tile(q_base, desc_q, b32, h32, start_m, rows, row_ok, offs_d, sql, HEAD_D, BLOCK_D, BLOCK_M, MASK,
+                   USE_TMA)
+    do = _load_tile(do_base, desc_do, b32, h32, start_m, rows, row_ok, offs_d, sdl, HEAD_D, BLOCK_D, BLOCK_M, MASK,
+                    USE_TMA)
     if MASK:
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
@@ -155,22 +202,26 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, Lq
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh,
     H, Lq, Lk, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA_OK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b32 = pid_bh // H
+    h32 = pid_bh % H
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < Lk
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * skb + h * skh, cols, col_ok, offs_d, skl, HEAD_D, BLOCK_D, True)
-    v = _load_rows(V + b * svb + h * svh, cols, col_ok, offs_d, svl, HEAD_D, BLOCK_D, True)
+    k = _load_tile(K + b * skb + h * skh, desc_k, b32, h32, pid_n * BLOCK_N, cols, col_ok, offs_d, skl, HEAD_D,
+                   BLOCK_D, BLOCK_N, True, USE_TMA)
+    v = _load_tile(V + b * svb + h * svh, desc_v, b32, h32, pid_n * BLOCK_N, cols, col_ok, offs_d, svl, HEAD_D,
+                   BLOCK_D, BLOCK_N, True, USE_TMA)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -182,23 +233,27 @@ def _attn_bwd_dkdv(
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     m_full = (Lq // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, Lq, sql, sdl, qk_scale,
-                             offs_m, offs_d, HEAD_D, BLOCK_D, False, UPCAST, PRECISION)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, desc_q, desc_do, b32, h32, lse_base, delta_base, start_m,
+                             Lq, sql, sdl, qk_scale, offs_m, offs_d, HEAD_D, BLOCK_D, BLOCK_M, False, UPCAST, PRECISION,
+                             USE_TMA)
     if m_full < Lq:
-        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m_full, Lq, sql, sdl, qk_scale,
-                             offs_m, offs_d, HEAD_D, BLOCK_D, True, UPCAST, PRECISION)
-    _store_rows(DK + b * skb + h * skh, cols, col_ok, offs_d, skl, dk * sm_scale, HEAD_D)
-    _store_rows(DV + b * svb + h * svh, cols, col_ok, offs_d, svl, dv, HEAD_D)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, desc_q, desc_do, b32, h32, lse_base, delta_base, m_full,
+                             Lq, sql, sdl, qk_scale, offs_m, offs_d, HEAD_D, BLOCK_D, BLOCK_M, True, UPCAST, PRECISION,
+                             USE_TMA)
+    _store_tile(DK + b * skb + h * skh, desc_dk, b32, h32, pid_n * BLOCK_N, cols, col_ok, offs_d, skl, dk * sm_scale,
+                HEAD_D, BLOCK_D, BLOCK_N, USE_TMA)
+    _store_tile(DV + b * svb + h * svh, desc_dv, b32, h32, pid_n * BLOCK_N, cols, col_ok, offs_d, svl, dv, HEAD_D,
+                BLOCK_D, BLOCK_N, USE_TMA)
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, Lk, skl, svl, qk_scale, offs_n, offs_d,
-              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr,
-              PRECISION: tl.constexpr):
+def _dq_block(dq, q, do, lse2, delta, k_base, v_base, desc_k, desc_v, b32, h32, start_n, Lk, skl, svl, qk_scale,
+              offs_n, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     cols = start_n + offs_n
     col_ok = cols < Lk
-    k = _load_rows(k_base, cols, col_ok, offs_d, skl, HEAD_D, BLOCK_D, MASK)
-    v = _load_rows(v_base, cols, col_ok, offs_d, svl, HEAD_D, BLOCK_D, MASK)
+    k = _load_tile(k_base, desc_k, b32, h32, start_n, cols, col_ok, offs_d, skl, HEAD_D, BLOCK_D, BLOCK_N, MASK, USE_TMA)
+    v = _load_tile(v_base, desc_v, b32, h32, start_n, cols, col_ok, offs_d, svl, HEAD_D, BLOCK_D, BLOCK_N, MASK, USE_TMA)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -212,22 +267,26 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, Lk, skl, svl, qk_
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, desc_q, desc_k, desc_v, desc_do, desc_dq,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh,
     H, Lq, Lk, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA_OK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b32 = pid_bh // H
+    h32 = pid_bh % H
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * sqb + h * sqh, rows, row_ok, offs_d, sql, HEAD_D, BLOCK_D, True)
-    do = _load_rows(DO + b * sdb + h * sdh, rows, row_ok, offs_d, sdl, HEAD_D, BLOCK_D, True)
+    q = _load_tile(Q + b * sqb + h * sqh, desc_q, b32, h32, pid_m * BLOCK_M, rows, row_ok, offs_d, sql, HEAD_D,
+                   BLOCK_D, BLOCK_M, True, USE_TMA)
+    do = _load_tile(DO + b * sdb + h * sdh, desc_do, b32, h32, pid_m * BLOCK_M, rows, row_ok, offs_d, sdl, HEAD_D,
+                    BLOCK_D, BLOCK_M, True, USE_TMA)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -238,12 +297,13 @@ def _attn_bwd_dq(
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     n_full = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, Lk, skl, svl, qk_scale, offs_n, offs_d,
-                       HEAD_D, BLOCK_D, False, UPCAST, PRECISION)
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, desc_k, desc_v, b32, h32, start_n, Lk, skl, svl,
+                       qk_scale, offs_n, offs_d, HEAD_D, BLOCK_D, BLOCK_N, False, UPCAST, PRECISION, USE_TMA)
     if n_full < Lk:
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, n_full, Lk, skl, svl, qk_scale, offs_n, offs_d,
-                       HEAD_D, BLOCK_D, True, UPCAST, PRECISION)
-    _store_rows(DQ + b * sqb + h * sqh, rows, row_ok, offs_d, sql, dq * sm_scale, HEAD_D)
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, desc_k, desc_v, b32, h32, n_full, Lk, skl, svl,
+                       qk_scale, offs_n, offs_d, HEAD_D, BLOCK_D, BLOCK_N, True, UPCAST, PRECISION, USE_TMA)
+    _store_tile(DQ + b * sqb + h * sqh, desc_dq, b32, h32, pid_m * BLOCK_M, rows, row_ok, offs_d, sql, dq * sm_scale,
+                HEAD_D, BLOCK_D, BLOCK_M, USE_TMA)
 
 
 INTERPRET = isinstance(_attn_fwd, InterpretedFunction)
@@ -252,25 +312,92 @@ INTERPRET = isinstance(_attn_fwd, InterpretedFunction)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. Started from the Triton tutorial's space,
 # then checked by an offline sm_90 compile (tools/bench/compile_report.py, 2026-11-26): configs
 # that spilled registers were dropped (every dK/dV config timed on the H200 spilled 104-992 bytes)
-# and spill-free ones added; all fit 227 KB of shared memory.
+# and spill-free ones added; all fit 227 KB of shared memory. The "*_tma" lists are the same
+# kernels with descriptor (TMA) loads and stores, tried besides the pointer configs wherever the
+# inputs allow descriptors (TMA_OK); they need fewer registers for the same tile.
 _CONFIGS = {
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 8, 3),
-            (128, 32, 4, 4)],
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 8, 3)],
+    "fwd_tma": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3)],
     "dkdv": [(64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 3), (64, 64, 4, 3)],
+    "dkdv_tma": [(64, 64, 8, 3), (64, 64, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3)],
     "dq": [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
+    "dq_tma": [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2)],
 }
+_Q_SIDE = ("desc_q", "desc_o", "desc_do", "desc_dq")  # tiles of BLOCK_M rows; the K side has BLOCK_N
+
+
+def _set_boxes(nargs):
+    """pre_hook of the TMA configs: each descriptor's box follows the config's block sizes."""
+    for name, desc in nargs.items():
+        if name.startswith("desc_") and desc is not None:
+            desc.block_shape = [1, nargs["BLOCK_M" if name in _Q_SIDE else "BLOCK_N"], nargs["BLOCK_D"]]
+
+
+def attention_config(block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 2, tma: bool = False):
+    """One config of the attention kernels (what the autotuner picks from; tests and benchmarks
+    pass one to `attention_forward` / `attention_backward` to run it alone)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "USE_TMA": tma}, num_warps=num_warps,
+                         num_stages=num_stages, pre_hook=_set_boxes if tma else None)
 
 
 def _configs(kernel: str):
     if INTERPRET:  # one config: the interpreter cannot benchmark; 32-row blocks exercise the tails
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _CONFIGS[kernel]]
+        return [attention_config(32, 32)]
+    tma = [attention_config(*c, tma=True) for c in _CONFIGS[kernel + "_tma"]] if TensorDescriptor is not None else []
+    return [attention_config(*c) for c in _CONFIGS[kernel]] + tma
 
 
-_KEY = ["HEAD_D", "Lq", "Lk"]
-_fwd_tuned = triton.autotune(configs=_configs("fwd"), key=_KEY)(_attn_fwd)
-_dkdv_tuned = triton.autotune(configs=_configs("dkdv"), key=_KEY)(_attn_bwd_dkdv)
-_dq_tuned = triton.autotune(configs=_configs("dq"), key=_KEY)(_attn_bwd_dq)
+def _prune_tma(configs, nargs, **kwargs):
+    """TMA configs only where the launch built descriptors (TMA_OK)."""
+    if kwargs.get("TMA_OK", nargs.get("TMA_OK")):
+        return configs
+    return [c for c in configs if not c.kwargs.get("USE_TMA")]
+
+
+def _tuned(kernel, fn, extra_key=()):
+    return triton.autotune(configs=_configs(kernel), key=["HEAD_D", "Lq", "Lk", "TMA_OK", *extra_key],
+                           prune_configs_by={"early_config_prune": _prune_tma})(fn)
+
+
+_fwd_tuned = _tuned("fwd", _attn_fwd, ["FOLD_SCALE"])
+_dkdv_tuned = _tuned("dkdv", _attn_bwd_dkdv)
+_dq_tuned = _tuned("dq", _attn_bwd_dq)
+
+
+def _launch(tuned, grid, args, meta, config):
+    """Run the autotuned kernel, or one given config (its pre_hook sets the descriptor boxes)."""
+    if config is None:
+        tuned[grid](*args, **meta)
+        return
+    if config.kwargs.get("USE_TMA") and not meta["TMA_OK"]:
+        raise ValueError("this attention input cannot use a TMA config (see tma_descriptors); pick a pointer config")
+    kernel = tuned.fn
+    if config.pre_hook is not None:
+        config.pre_hook({**dict(zip(kernel.arg_names, args)), **meta, **config.all_kwargs()})
+    kernel[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
+
+
+def tma_descriptors(tensors, block_d: int):
+    """3D descriptors over the [B, L, H·D] views of [B, L, H, D] tensors (boxes [1, rows, D] at
+    (b, row, h·D), so a tail never reaches the next batch element), or None where a rule fails:
+    Hopper or newer (or the interpreter), a power-of-two head dim (the box covers the row), heads
+    dense (stride(2) == D: not a transposed [B, H, L, D] view), 16-byte aligned base and strides,
+    no empty axis. Not 4D boxes [1, rows, 1, D]: the sm_90 compile then moves the tiles through
+    registers and the dK/dV kernel spills 384-496 bytes (tools/bench/compile_report.py)."""
+    if TensorDescriptor is None:
+        return None
+    first = tensors[0]
+    if not INTERPRET and (first.device.type != "cuda" or torch.cuda.get_device_capability(first.device)[0] < 9):
+        return None
+    if first.shape[-1] != block_d or block_d * first.element_size() < 16:
+        return None
+    for t in tensors:
+        size = t.element_size()
+        if (t.stride(-1) != 1 or t.stride(2) != block_d or t.data_ptr() % 16
+                or any(st * size % 16 for st in t.stride()[:2]) or min(t.shape) == 0):
+            return None
+    return [TensorDescriptor(t, [t.shape[0], t.shape[1], t.shape[2] * block_d], [t.stride(0), t.stride(1), 1],
+                             [1, 16, block_d]) for t in tensors]
 
 
 def triton_supports(q) -> str | None:
@@ -306,8 +433,9 @@ def _rows_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def attention_forward(q, k, v, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Lq, H, D] in q's dtype, lse [B, H, Lq] fp32 natural log) by the Triton kernel."""
+def attention_forward(q, k, v, scale: float | None = None, config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Lq, H, D] in q's dtype, lse [B, H, Lq] fp32 natural log) by the Triton kernel.
+    `config` (an `attention_config`) runs that one config instead of the autotuner's pick."""
     check_attention_args(q, k, v)
     _launch_checks(q)
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
@@ -319,14 +447,17 @@ def attention_forward(q, k, v, scale: float | None = None) -> tuple[torch.Tensor
     if out.numel() == 0:
         return out, lse
     meta, qk_scale = _common(q, scale)
-    grid = lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h)
-    _fwd_tuned[grid](q, k, v, out, lse, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), h, lq, lk, qk_scale, **meta)
+    descs = tma_descriptors((q, k, v, out), meta["BLOCK_D"])
+    meta.update(FOLD_SCALE=scale > 0, TMA_OK=descs is not None)
+    args = (q, k, v, out, lse, *(descs or [None] * 4), *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), h, lq, lk, qk_scale)
+    _launch(_fwd_tuned, lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h), args, meta, config)
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, out, lse, grad_lse=None, scale: float | None = None):
+def attention_backward(grad_out, q, k, v, out, lse, grad_lse=None, scale: float | None = None, config=None):
     """(dq, dk, dv) of `attention_forward`, given the saved out and lse; `grad_lse` (optional) is the
-    gradient flowing into lse, folded into delta since d lse_i / d s_ij = p_ij."""
+    gradient flowing into lse, folded into delta since d lse_i / d s_ij = p_ij. `config` runs that
+    one config for both the dK/dV and the dQ kernel instead of the autotuners' picks."""
     _launch_checks(q)
     q, k, v, out, grad_out = (_rows_contiguous(t) for t in (q, k, v, out, grad_out))
     b, lq, h, d = q.shape
@@ -349,9 +480,14 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse=None, scale: float 
     if grad_lse is not None:
         delta = (delta - grad_lse.float()).contiguous()
     lse = lse.contiguous()
-    args = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(grad_out), h, lq, lk, qk_scale, scale)
-    _dkdv_tuned[lambda m: (triton.cdiv(lk, m["BLOCK_N"]), b * h)](q, k, v, grad_out, lse, delta, dk, dv, *args, **meta)
-    _dq_tuned[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h)](q, k, v, grad_out, lse, delta, dq, *args, **meta)
+    descs = tma_descriptors((q, k, v, grad_out, dq, dk, dv), meta["BLOCK_D"])
+    meta["TMA_OK"] = descs is not None
+    d_q, d_k, d_v, d_do, d_dq, d_dk, d_dv = descs or [None] * 7
+    strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(grad_out), h, lq, lk, qk_scale, scale)
+    _launch(_dkdv_tuned, lambda m: (triton.cdiv(lk, m["BLOCK_N"]), b * h),
+            (q, k, v, grad_out, lse, delta, dk, dv, d_q, d_k, d_v, d_do, d_dk, d_dv, *strides), meta, config)
+    _launch(_dq_tuned, lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h),
+            (q, k, v, grad_out, lse, delta, dq, d_q, d_k, d_v, d_do, d_dq, *strides), meta, config)
     return dq, dk, dv
 
 
