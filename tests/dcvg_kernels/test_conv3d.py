@@ -138,6 +138,35 @@ def test_triton_nested_reduction_loop_matches_reference(triton_conv, monkeypatch
                                **TOL[torch.float32])
 
 
+# Cout * 4 bytes a multiple of 16, so the weights can have a descriptor; Cin = 20 with 16-channel K
+# blocks makes a weight box reach into the next tap's rows (which must meet zeros in A).
+W_TMA_CASES = {"k111-two-cin-and-cout-blocks", "k333-two-cin-and-cout-blocks", "several-row-tiles-batch2"}
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-tap"])
+@pytest.mark.parametrize("name, mode, chunk, kw", [c for c in CASES if c[0] in W_TMA_CASES],
+                         ids=sorted(W_TMA_CASES, key=[c[0] for c in CASES].index))
+def test_triton_weight_tma_matches_reference(triton_conv, monkeypatch, name, mode, chunk, kw, flat):
+    """Weights (the GEMM's B operand) by TMA descriptor, in both reduction loops (W_TMA configs)."""
+    from dcvg_kernels import conv3d
+
+    monkeypatch.setitem(conv3d.INTERPRET_CONFIG, "W_TMA", True)
+    monkeypatch.setitem(conv3d.INTERPRET_CONFIG, "FLAT_K", flat)
+    case = make_case(**kw)
+    torch.testing.assert_close(run(triton_conv, case, mode, chunk).double(), reference64(case, mode, chunk),
+                               **TOL[torch.float32])
+
+
+def test_weight_descriptor_rules(triton_conv):
+    """No descriptor where TMA cannot read the weights: rows of 6 fp32 (24 bytes, not a multiple
+    of 16) or a misaligned base; then only pointer configs run (and a forced W_TMA is refused)."""
+    from dcvg_kernels import conv3d
+
+    assert conv3d.weight_descriptor(torch.zeros(27 * 4, 8)) is not None
+    assert conv3d.weight_descriptor(torch.zeros(27 * 4, 6)) is None
+    assert conv3d.weight_descriptor(torch.zeros(27 * 4 * 8 + 1)[1:].view(-1, 8)) is None
+
+
 @pytest.mark.parametrize("name, mode, chunk, kw", [c for c in CASES if c[0] in FP16_CASES],
                          ids=sorted(FP16_CASES, key=[c[0] for c in CASES].index))
 def test_triton_matches_reference_fp16(triton_conv, name, mode, chunk, kw):

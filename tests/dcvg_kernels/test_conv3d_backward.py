@@ -86,6 +86,23 @@ def test_triton_dgrad_nested_loop_matches_autograd(triton_backward, monkeypatch,
         torch.testing.assert_close(got[2].double(), want[2], atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-tap"])
+def test_triton_dgrad_weight_tma_matches_autograd(triton_backward, monkeypatch, flat):
+    """dgrad with the weights by TMA descriptor (W_TMA configs): Cin = 36 (144-byte rows), Cout = 20
+    in 16-channel K blocks, so weight boxes reach into the next tap's rows."""
+    from dcvg_kernels import conv3d_backward
+
+    _, mode, chunk, kw = next(c for c in CASES if c[0] == "k333-two-channel-blocks-batch2")
+    monkeypatch.setitem(conv3d_backward.DGRAD_INTERPRET_CONFIG, "W_TMA", True)
+    monkeypatch.setitem(conv3d_backward.DGRAD_INTERPRET_CONFIG, "FLAT_K", flat)
+    case = make_case(bias=False, **kw)
+    grad = torch.randn(case["x"].shape[0], kw["cout"], *case["x"].shape[2:], generator=torch.Generator().manual_seed(3))
+    got = triton_backward(grad, case["x"], case["weight"], mode=mode, chunk=chunk, context=case["context"])
+    want = autograd_oracle(case, grad, mode, chunk)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=5e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name, mode, chunk, kw", [CASES[0], CASES[5], CASES[11]],
                          ids=[CASES[i][0] for i in (0, 5, 11)])
 def test_triton_backward_matches_autograd_fp16(triton_backward, name, mode, chunk, kw):

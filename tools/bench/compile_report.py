@@ -98,11 +98,16 @@ def conv_rows():
     kernels = [("fwd", conv3d._conv3d_fwd, conv3d._configs(), {"HAS_BIAS": True, "HAS_RES": False}),
                ("dgrad", bw._conv3d_dgrad, bw._dgrad_configs(), {})]
     for label, fn, configs, extra in kernels:
-        types = {n: "*bf16" for n in fn.arg_names if n.endswith("_ptr")}
         for cfg in configs:
-            const = {**fixed, **extra, "FLAT_K": False, **cfg.kwargs}
+            types = {n: "*bf16" for n in fn.arg_names if n.endswith("_ptr")}
+            const = {**fixed, **extra, "FLAT_K": False, "W_TMA": False, **cfg.kwargs}
+            if const["W_TMA"]:  # the weight descriptor is typed by its box
+                types["w_desc"] = f"tensordesc<bf16[{const['BLOCK_K']},{const['BLOCK_N']}]>"
+            else:
+                const["w_desc"] = None
             name = (f"conv3d {label} bf16 {const['BLOCK_M']}x{const['BLOCK_N']}x{const['BLOCK_K']} "
-                    f"w{cfg.num_warps} s{cfg.num_stages} {'flat' if const['FLAT_K'] else 'per-tap'}")
+                    f"w{cfg.num_warps} s{cfg.num_stages} {'flat' if const['FLAT_K'] else 'per-tap'}"
+                    f"{' w-tma' if const['W_TMA'] else ''}")
             yield name, fn, "conv", types, const, cfg
 
 

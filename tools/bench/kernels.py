@@ -336,7 +336,7 @@ CONV_HEADER = "| shape | impl | ms | TFLOP/s | ratio | rel err |\n|---|---|---|-
 
 
 def tuned_conv_config() -> str:
-    """The forward conv autotuner's last pick, e.g. `[128x128x64 w8 s3 flat]`."""
+    """The forward conv autotuner's last pick, e.g. `[128x128x64 w8 s3 flat w-tma]`."""
     from dcvg_kernels import conv3d
 
     best = getattr(conv3d._conv3d_tuned, "best_config", None)
@@ -344,7 +344,8 @@ def tuned_conv_config() -> str:
         return ""
     kw = best.kwargs
     loop = "flat" if kw.get("FLAT_K") else "per-tap"
-    return f"[{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{best.num_warps} s{best.num_stages} {loop}]"
+    weights = " w-tma" if kw.get("W_TMA") else ""
+    return f"[{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{best.num_warps} s{best.num_stages} {loop}{weights}]"
 
 
 def tuned_attention_configs() -> str:

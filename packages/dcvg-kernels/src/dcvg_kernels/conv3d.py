@@ -19,19 +19,30 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: pointer loads only
+    TensorDescriptor = None
+
 from dcvg_kernels.reference import check_conv3d_args, output_memory_format
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def accumulate_tap(acc, a_rows, row_ok, kk, k_ok, w_ptr, w_row0, n_cols, cols, col_ok,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def accumulate_tap(acc, a_rows, row_ok, k0, kk, k_ok, w_ptr, w_desc, w_row0, n_cols, col0, cols, col_ok,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr):
     """acc += A[rows, kk] @ B[w_row0 + kk, cols]: one K block of one tap of the implicit GEMM.
-    A rows start at the pointers `a_rows` (channels contiguous), B is [K, n_cols] row-major."""
+    A rows start at the pointers `a_rows` (channels contiguous), B is [K, n_cols] row-major, read
+    by masked pointer loads or (W_TMA) as one TMA box at (w_row0 + k0, col0): its rows past this
+    tap's channels belong to the next tap (or read 0 past the end) and meet zeros in A (k_ok),
+    its columns past n_cols read 0."""
     a = tl.load(a_rows[:, None] + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    b = tl.load(w_ptr + (w_row0 + kk)[:, None] * n_cols + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0)
+    if W_TMA:
+        b = w_desc.load([w_row0 + k0, col0])
+    else:
+        b = tl.load(w_ptr + (w_row0 + kk)[:, None] * n_cols + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0)
     if UPCAST:  # interpreter: multiply in fp32 (its bf16 arithmetic is wrong)
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -40,7 +51,7 @@ def accumulate_tap(acc, a_rows, row_ok, kk, k_ok, w_ptr, w_row0, n_cols, cols, c
 
 @triton.jit
 def _conv3d_fwd(
-    x_ptr, ctx_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    x_ptr, ctx_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, w_desc,
     M, T, H, W, Cin, Cout, CTX_N, CHUNK,
     sxb, sxt, sxh, sxw,  # x strides in elements; channels are contiguous (stride 1)
     scb, sct, sch, scw,  # context strides; channels contiguous
@@ -54,6 +65,8 @@ def _conv3d_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FLAT_K: tl.constexpr = False,  # one dynamic loop over taps x Cin blocks (pipelines across taps)
     BIG_M: tl.constexpr = False,  # M >= 2^31: row indices in int64
+    W_TMA_OK: tl.constexpr = False,  # w_desc is a descriptor (the autotuner may pick W_TMA configs)
+    W_TMA: tl.constexpr = False,  # weights (B) by TMA descriptor w_desc
 ):
     # 1D grid, N tiles fastest: programs sharing an A tile run together, and the M tile count
     # (up to ~3e5 at 720p) stays clear of the 65535 limit of grid axes 1 and 2.
@@ -84,7 +97,8 @@ def _conv3d_fwd(
     if HAS_CTX:  # offset of the same (h, w) in frame t + CTX_N of the context (frame t - n of the clip)
         ctx_base = ctx_ptr + (b64 * scb + (t64 + CTX_N) * sct + h64 * sch + w64 * scw)
 
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = pid_n * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < Cout
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -108,7 +122,8 @@ def _conv3d_fwd(
             if HAS_CTX:
                 a_row = tl.where(s >= 0, a_row, ctx_base + (di * sct + dj * sch + dl * scw))
             kk = k0 + ks
-            acc = accumulate_tap(acc, a_row, ok, kk, kk < Cin, w_ptr, tap * Cin, Cout, cols, col_ok, UPCAST, PRECISION)
+            acc = accumulate_tap(acc, a_row, ok, k0, kk, kk < Cin, w_ptr, w_desc, tap * Cin, Cout, col0, cols, col_ok,
+                                 UPCAST, PRECISION, W_TMA)
     else:
         for i in tl.static_range(KT):
             s = t_o + (i - SHIFT)  # input frame of this tap; < 0 means the context
@@ -125,8 +140,8 @@ def _conv3d_fwd(
                     w_tap = ((i * KH + j) * KW + l) * Cin
                     for k0 in range(0, Cin, BLOCK_K):
                         kk = k0 + ks
-                        acc = accumulate_tap(acc, a_row, ok, kk, kk < Cin, w_ptr, w_tap, Cout, cols, col_ok, UPCAST,
-                                             PRECISION)
+                        acc = accumulate_tap(acc, a_row, ok, k0, kk, kk < Cin, w_ptr, w_desc, w_tap, Cout, col0, cols,
+                                             col_ok, UPCAST, PRECISION, W_TMA)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -143,8 +158,42 @@ INTERPRET = isinstance(_conv3d_fwd, InterpretedFunction)
 
 
 # The interpreter cannot benchmark, so it runs one fixed config (small tiles test the masks);
-# tests switch FLAT_K to cover both reduction loops.
-INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT_K": True}
+# tests switch FLAT_K and W_TMA to cover both reduction loops and both weight paths.
+INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT_K": True, "W_TMA": False}
+
+
+def _set_w_box(nargs):
+    """pre_hook of the W_TMA configs: the weight descriptor's box is one [BLOCK_K, BLOCK_N] tile."""
+    nargs["w_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
+
+
+def with_weight_tma(configs):
+    """The configs plus, where this triton has descriptors, W_TMA twins of them (weights by TMA)."""
+    if TensorDescriptor is None:
+        return configs
+    return configs + [triton.Config({**c.kwargs, "W_TMA": True}, num_warps=c.num_warps, num_stages=c.num_stages,
+                                    pre_hook=_set_w_box) for c in configs]
+
+
+def prune_weight_tma(configs, nargs, **kwargs):
+    """W_TMA configs only where the launch built a weight descriptor (W_TMA_OK)."""
+    if kwargs.get("W_TMA_OK", nargs.get("W_TMA_OK")):
+        return configs
+    return [c for c in configs if not c.kwargs.get("W_TMA")]
+
+
+def weight_descriptor(w2d, interpret_box=None):
+    """A TMA descriptor over the GEMM's B operand [K, N] (row-major), or None where a TMA rule
+    fails: Hopper or newer (or the interpreter), N·itemsize a multiple of 16 bytes (the RGB layers'
+    3 channels are not), a 16-byte aligned base. `interpret_box` is the box for the interpreter's
+    fixed config; on the GPU the config's pre_hook sets it."""
+    if TensorDescriptor is None:
+        return None
+    if not INTERPRET and (w2d.device.type != "cuda" or torch.cuda.get_device_capability(w2d.device)[0] < 9):
+        return None
+    if w2d.stride(1) != 1 or w2d.stride(0) * w2d.element_size() % 16 or w2d.data_ptr() % 16:
+        return None
+    return TensorDescriptor(w2d, list(w2d.shape), list(w2d.stride()), interpret_box or [16, 16])
 
 
 def _configs():
@@ -158,18 +207,23 @@ def _configs():
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     ] if os.environ.get("DCVG_KERNELS_PER_TAP") == "1" else []
     # Chosen from an offline sm_90 compile (tools/bench/compile_report.py): none of these spills
-    # registers; 128x256 and 256x128 tiles did, so they are left out.
-    flat = [
+    # registers; 128x256 and 256x128 tiles did, so they are left out. Weight-TMA twins only of the
+    # 128x128x64 tiles: 150 registers instead of 240; for the other tiles TMA weights need as many
+    # registers or more than pointer loads.
+    k64 = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=4),
+    ]
+    others = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "FLAT_K": True}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "FLAT_K": True}, num_warps=4, num_stages=4),
     ]
-    return nested + flat
+    return nested + with_weight_tma(k64) + others
 
 
-_conv3d_tuned = triton.autotune(configs=_configs(), key=["Cin", "Cout", "KT", "KH", "KW"])(_conv3d_fwd)
+_conv3d_tuned = triton.autotune(configs=_configs(), key=["Cin", "Cout", "KT", "KH", "KW", "W_TMA_OK"],
+                                prune_configs_by={"early_config_prune": prune_weight_tma})(_conv3d_fwd)
 
 
 def conv3d_triton(x, weight, bias, *, mode, chunk=0, context=None, residual=None) -> torch.Tensor:
@@ -206,8 +260,11 @@ def conv3d_triton(x, weight, bias, *, mode, chunk=0, context=None, residual=None
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     grid = lambda meta: (triton.cdiv(out.numel() // cout, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
     kernel = _conv3d_fwd[grid] if INTERPRET else _conv3d_tuned[grid]
+    w_desc = weight_descriptor(wk.view(-1, cout), [INTERPRET_CONFIG["BLOCK_K"], INTERPRET_CONFIG["BLOCK_N"]])
+    if INTERPRET and INTERPRET_CONFIG["W_TMA"] and w_desc is None:
+        raise ValueError("INTERPRET_CONFIG asks for W_TMA, but these weights cannot have a descriptor")
     kernel(
-        xl, ctx, wk, bias if bias is not None else wk, res, out,
+        xl, ctx, wk, bias if bias is not None else wk, res, out, w_desc,
         b * t * h * w, t, h, w, cin, cout, ctx.shape[2] if plan.use_context else 0, max(plan.chunk, 1),
         sx[0], sx[2], sx[3], sx[4],
         sc[0], sc[2], sc[3], sc[4],
@@ -216,6 +273,6 @@ def conv3d_triton(x, weight, bias, *, mode, chunk=0, context=None, residual=None
         KT=kt, KH=kh, KW=kw, SHIFT=plan.shift,
         CHUNKED=plan.chunk > 0, HAS_CTX=plan.use_context, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, UPCAST=INTERPRET, PRECISION=precision, BIG_M=b * t * h * w >= 2**31,
-        **(INTERPRET_CONFIG if INTERPRET else {}),
+        W_TMA_OK=w_desc is not None, **(INTERPRET_CONFIG if INTERPRET else {}),
     )
     return out

@@ -23,13 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from dcvg_kernels.conv3d import DTYPES, INTERPRET, accumulate_tap
+from dcvg_kernels.conv3d import DTYPES, INTERPRET, accumulate_tap, prune_weight_tma, weight_descriptor, with_weight_tma
 from dcvg_kernels.reference import check_conv3d_args, output_memory_format
 
 
 @triton.jit
 def _conv3d_dgrad(
-    g_ptr, w_ptr, gx_ptr, gc_ptr,
+    g_ptr, w_ptr, gx_ptr, gc_ptr, w_desc,
     M, T, H, W, Cin, Cout, CTX_N, CHUNK,
     sgb, sgt, sgh, sgw,  # grad strides; channels contiguous
     sxb, sxc, sxt, sxh, sxw,  # gx strides (any layout)
@@ -39,6 +39,8 @@ def _conv3d_dgrad(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BIG_M: tl.constexpr = False,  # M >= 2^31: row indices in int64 (else int32, as in the forward)
     FLAT_K: tl.constexpr = False,  # one dynamic loop over taps x Cout blocks (as the forward's FLAT_K)
+    W_TMA_OK: tl.constexpr = False,  # w_desc is a descriptor (the autotuner may pick W_TMA configs)
+    W_TMA: tl.constexpr = False,  # weights (B) by TMA descriptor w_desc, as in the forward
 ):
     num_n = tl.cdiv(Cin, BLOCK_N)
     pid = tl.program_id(0)
@@ -65,7 +67,8 @@ def _conv3d_dgrad(
     b64, s64, h64, w64 = b_o.to(tl.int64), s.to(tl.int64), h_o.to(tl.int64), w_o.to(tl.int64)
     g_base = b64 * sgb + s64 * sgt + h64 * sgh + w64 * sgw  # grad offset of (b, s, h, w); taps add constants
 
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = pid_n * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < Cin
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -84,8 +87,8 @@ def _conv3d_dgrad(
             ok = row_ok & (t >= t_first) & (t < T) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             g_row = g_ptr + (g_base + (dt * sgt - dh * sgh - dw * sgw))
             kk = k0 + ks
-            acc = accumulate_tap(acc, g_row, ok, kk, kk < Cout, w_ptr, tap * Cout, Cin, cols, col_ok, UPCAST,
-                                 PRECISION)
+            acc = accumulate_tap(acc, g_row, ok, k0, kk, kk < Cout, w_ptr, w_desc, tap * Cout, Cin, col0, cols, col_ok,
+                                 UPCAST, PRECISION, W_TMA)
     else:
         for i in tl.static_range(KT):
             t = s + (SHIFT - i)  # the output frame whose tap i read frame s
@@ -99,8 +102,8 @@ def _conv3d_dgrad(
                     w_tap = ((i * KH + j) * KW + l) * Cout
                     for k0 in range(0, Cout, BLOCK_K):
                         kk = k0 + ks
-                        acc = accumulate_tap(acc, g_row, ok, kk, kk < Cout, w_ptr, w_tap, Cin, cols, col_ok, UPCAST,
-                                             PRECISION)
+                        acc = accumulate_tap(acc, g_row, ok, k0, kk, kk < Cout, w_ptr, w_desc, w_tap, Cin, col0, cols,
+                                             col_ok, UPCAST, PRECISION, W_TMA)
 
 
     cols64 = cols.to(tl.int64)
@@ -175,8 +178,9 @@ def _conv3d_wgrad(
     tl.store(ws_ptr + ws_off, acc, mask=k_ok[:, None] & col_ok[None, :])
 
 
-# Interpreter: one fixed config (tests switch FLAT_K to cover both loops), as in the forward.
-DGRAD_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT_K": True}
+# Interpreter: one fixed config (tests switch FLAT_K and W_TMA to cover both loops and weight paths),
+# as in the forward.
+DGRAD_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT_K": True, "W_TMA": False}
 
 
 def _dgrad_configs():
@@ -184,8 +188,11 @@ def _dgrad_configs():
         return [triton.Config(dict(DGRAD_INTERPRET_CONFIG))]
     # flat loops only (the per-tap form compiles for ~30 s per config on sm_90; DCVG_KERNELS_PER_TAP=1
     # adds one, as in the forward); none of these spills (tools/bench/compile_report.py)
-    flat = [
+    # a weight-TMA twin of the 128x128x64 tile only (203 registers against 224; the 128x128x32 twin
+    # needs 216 against 128)
+    flat = with_weight_tma([
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
+    ]) + [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "FLAT_K": True}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "FLAT_K": True}, num_warps=4, num_stages=4),
     ]
@@ -194,7 +201,8 @@ def _dgrad_configs():
     return flat
 
 
-_dgrad_tuned = triton.autotune(configs=_dgrad_configs(), key=["Cin", "Cout", "KT", "KH", "KW"])(_conv3d_dgrad)
+_dgrad_tuned = triton.autotune(configs=_dgrad_configs(), key=["Cin", "Cout", "KT", "KH", "KW", "W_TMA_OK"],
+                               prune_configs_by={"early_config_prune": prune_weight_tma})(_conv3d_dgrad)
 # wgrad: one fixed tile (the split count depends on it, so it is chosen on the host); untuned.
 WGRAD_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16} if INTERPRET else {
     "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
@@ -246,10 +254,13 @@ def conv3d_triton_backward(grad, x, weight, *, mode, chunk=0, context=None):
     m_rows = b * (n + t) * h * w
     grid = lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(cin, meta["BLOCK_N"]),)
     kernel = _conv3d_dgrad[grid] if INTERPRET else _dgrad_tuned[grid]
+    w_desc = weight_descriptor(wd.view(-1, cin), [DGRAD_INTERPRET_CONFIG["BLOCK_K"], DGRAD_INTERPRET_CONFIG["BLOCK_N"]])
+    if INTERPRET and DGRAD_INTERPRET_CONFIG["W_TMA"] and w_desc is None:
+        raise ValueError("DGRAD_INTERPRET_CONFIG asks for W_TMA, but these weights cannot have a descriptor")
     kernel(
-        g, wd, gx, gc, m_rows, t, h, w, cin, cout, n, max(plan.chunk, 1),
+        g, wd, gx, gc, w_desc, m_rows, t, h, w, cin, cout, n, max(plan.chunk, 1),
         sg[0], sg[2], sg[3], sg[4], *gx.stride(), *gc.stride(),
-        KT=kt, KH=kh, KW=kw, SHIFT=plan.shift, BIG_M=m_rows >= 2**31, **common,
+        KT=kt, KH=kh, KW=kw, SHIFT=plan.shift, BIG_M=m_rows >= 2**31, W_TMA_OK=w_desc is not None, **common,
         **(DGRAD_INTERPRET_CONFIG if INTERPRET else {}))
 
     # wgrad: fp32 partials [splits, taps, Cin, Cout], summed here
