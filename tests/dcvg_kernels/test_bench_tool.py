@@ -88,3 +88,29 @@ def test_gpu_check_runs_every_load_path(bench):
     for label, run in runs:
         for got, ref in zip(run(q, k, v, grad), want):
             torch.testing.assert_close(got.double(), ref.double(), atol=2e-5, rtol=2e-5, msg=lambda m, run=label: f"{run}: {m}")
+
+
+def test_only_configs_restores_the_autotuner(bench):
+    """`--check` runs chosen configs alone through the autotuners, then puts their lists back."""
+    from dcvg_kernels import conv3d
+
+    tuned = conv3d._conv3d_tuned
+    before, cache = list(tuned.configs), tuned.cache
+    with bench["only_configs"]({tuned: before[:1]}):
+        assert tuned.configs == before[:1] and tuned.cache == {}
+    assert tuned.configs == before and tuned.cache is cache
+    # the interpreter's single config has no W_TMA twin: only the autotuned run is checked here
+    assert [label for label, _ in bench["_conv_check_configs"](20, 40, __import__("torch").float32, "cpu")] == [
+        "autotuned"]
+
+
+def test_gpu_check_runs_end_to_end_in_the_interpreter(bench, monkeypatch, capsys):
+    """The `--check` code path itself (it otherwise runs only on a lent GPU), on tiny shapes."""
+    import torch
+
+    module = bench["check_cuda"].__globals__  # run_path hands back a copy of the module's globals
+    monkeypatch.setitem(module, "CHECK_ATTENTION", [((1, 40, 33, 2, 32), torch.float32)])
+    monkeypatch.setitem(module, "CHECK_CONV", [((8, 12, 3, (5, 6), (3, 3, 3), "chunk_causal", 2, 1), torch.float32)])
+    assert bench["check_cuda"](device="cpu")
+    out = capsys.readouterr().out
+    assert out.count("| True |") == 4 and "all checks passed: True" in out  # 3 attention runs, 1 conv run

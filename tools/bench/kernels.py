@@ -24,6 +24,7 @@ table is reported as pending.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -245,6 +246,36 @@ def _attention_check_runs():
             ("64x64 w4 s2 tma", alone(fa.attention_config(64, 64, 4, 2, tma=True)))]
 
 
+def _conv_check_configs(cin, cout, dtype, device="cuda"):
+    """(label, {autotuner: configs}) runs for the conv check: the autotuned op, then, where the
+    weights can have descriptors (forward rows of Cout, dgrad rows of Cin), the forward and dgrad
+    W_TMA configs alone, so the TMA weight path is checked whichever configs win."""
+    from dcvg_kernels import conv3d
+    from dcvg_kernels import conv3d_backward as bw
+
+    runs = [("autotuned", {})]
+    fwd, dgrad = ([c for c in tuned.configs if c.kwargs.get("W_TMA")][:1]
+                  for tuned in (conv3d._conv3d_tuned, bw._dgrad_tuned))
+    rows_ok = all(conv3d.weight_descriptor(torch.empty(16, n, device=device, dtype=dtype)) is not None
+                  for n in (cin, cout))
+    if fwd and dgrad and rows_ok:
+        runs.append(("w-tma", {conv3d._conv3d_tuned: fwd, bw._dgrad_tuned: dgrad}))
+    return runs
+
+
+@contextlib.contextmanager
+def only_configs(replacements):
+    """Let each given autotuner choose among these configs only (its cache emptied), then restore."""
+    saved = {tuned: (tuned.configs, tuned.cache) for tuned in replacements}
+    try:
+        for tuned, configs in replacements.items():
+            tuned.configs, tuned.cache = configs, {}
+        yield
+    finally:
+        for tuned, (configs, cache) in saved.items():
+            tuned.configs, tuned.cache = configs, cache
+
+
 def check_cuda(device: str = "cuda", what: str = "all") -> bool:
     """Triton vs the fp32 torch references on ragged shapes, forward and all gradients."""
     ok = True
@@ -276,17 +307,21 @@ def check_cuda(device: str = "cuda", what: str = "all") -> bool:
         bias = torch.randn(cout, device=device, dtype=dtype).requires_grad_()
         c = torch.randn(1, cin, ctx, *hw, device=device, dtype=dtype).requires_grad_() if ctx else None
         leaves = [x, w, bias] + ([c] if ctx else [])
-        y = chunk_causal_conv3d(x, w, bias, mode=mode, chunk=chunk, context=c, backend="triton")
-        grad = torch.randn_like(y)
-        got = [y, *torch.autograd.grad(y, leaves, grad, allow_unused=True)]
+        grad = torch.randn(1, cout, t, *hw, device=device, dtype=dtype)
         leaves32 = [t.detach().float().requires_grad_() for t in leaves]
         y32 = conv3d_reference(*leaves32[:3], mode=mode, chunk=chunk, context=leaves32[3] if ctx else None)
         want = [y32, *torch.autograd.grad(y32, leaves32, grad.float(), allow_unused=True)]
-        errs = [0.0 if w_ is None and (g is None or g.abs().max() == 0) else _rel(g, w_) for g, w_ in zip(got, want)]
-        good = max(errs) < tol[dtype]
-        ok &= good
-        print(f"| conv3d {cin}->{cout} T{t} {hw[0]}x{hw[1]} k{kk} {mode} chunk {chunk} ctx {ctx} "
-              f"(y, dx, dw, db{', dctx' if ctx else ''}) | {dtype} | {', '.join(f'{e:.1e}' for e in errs)} | {good} |")
+        for label, configs in _conv_check_configs(cin, cout, dtype, device):
+            with only_configs(configs):
+                y = chunk_causal_conv3d(x, w, bias, mode=mode, chunk=chunk, context=c, backend="triton")
+                got = [y, *torch.autograd.grad(y, leaves, grad, allow_unused=True)]
+            errs = [0.0 if w_ is None and (g is None or g.abs().max() == 0) else _rel(g, w_)
+                    for g, w_ in zip(got, want)]
+            good = max(errs) < tol[dtype]
+            ok &= good
+            print(f"| conv3d {cin}->{cout} T{t} {hw[0]}x{hw[1]} k{kk} {mode} chunk {chunk} ctx {ctx} {label} "
+                  f"(y, dx, dw, db{', dctx' if ctx else ''}) | {dtype} | {', '.join(f'{e:.1e}' for e in errs)} | "
+                  f"{good} |")
     print(f"\nall checks passed: {ok}")
     return ok
 
