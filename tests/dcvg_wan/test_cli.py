@@ -162,3 +162,75 @@ def test_official_flags_we_cannot_honour_here_explain_themselves(capsys, argv, m
 def test_generate_ulysses_size_must_match_processes(capsys):
     code, _, err = _run(capsys, "generate", "--ulysses_size", "2")
     assert code == 3 and "torchrun --nproc_per_node 2" in err
+
+
+def _fast_fail_cases(tmp):
+    """(argv, message): mistakes that need no weights, each refused before any model loads."""
+    return [
+        (["--sample_steps", "0"], "--sample_steps must be a positive integer"),
+        (["--frame_num", "0"], "--frame_num must be a positive integer"),
+        (["--frames_per_tile", "0"], "--frames_per_tile must be a positive integer"),
+        (["--sample_shift", "0"], "--sample_shift must be positive"),
+        (["--base_seed", "99999999999999999999"], "--base_seed must be -1"),
+        (["--size", "0*0"], "size must be positive"),
+        (["--size", "big"], "size must be W*H"),
+        (["--save_file", str(tmp / "missing" / "x.mp4")], "does not exist; create it first"),
+        (["--save_file", str(tmp / "out.txt")], "use a .mp4, .mov, .mkv path"),
+        (["--save_file", str(tmp / "out.png")], ".png is for the t2i-14B task"),
+        (["--save_file", str(tmp)], "it is a directory"),
+        (["--save_file", str(tmp / "out.txt"), "--task", "t2i-14B", "--ckpt_dir", str(tmp)], "use a .png, .mp4"),
+        (["--device", "tpu"], "not a device this package runs on"),
+        (["--task", "t2v-tiny", "--ckpt_dir", str(tmp)], "takes no --ckpt_dir"),
+        (["--task", "flf2v-14B"], "first-last-frame-to-video is not implemented"),
+        (["--first_frame", "a.png", "--last_frame", "b.png"], "first-last-frame-to-video is not implemented"),
+        (["--src_video", "v.mp4"], "VACE"),
+        (["--fp8"], "fp8 weights are not supported"),
+        (["--ring_size", "0"], "--ring_size must be 1"),
+    ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "torch sees no CUDA device")])
+
+
+@pytest.mark.parametrize("case", range(len(_fast_fail_cases(__import__("pathlib").Path(".")))))
+def test_generate_refuses_bad_arguments_before_loading_any_model(tmp_path, capsys, case):
+    """Exit 3 with the reason, and nothing loaded first (with 14B weights a load takes minutes;
+    a bad --save_file used to fail only after sampling, --sample_steps 0 silently ran 30)."""
+    argv, match = _fast_fail_cases(tmp_path)[case]
+    code, out, err = _run(capsys, "generate", *argv)
+    assert code == 3 and match in err, (argv, err)
+    assert "loaded in" not in out and "Traceback" not in err
+
+
+def test_generate_turns_autoencoder_errors_into_exit_codes(tmp_path, capsys):
+    """dcae-v's own InputError (here: a tile that is not a multiple of the chunk) is a usage problem
+    like any other: exit 3 and one line, not a traceback, and raised when the models load, not
+    after sampling."""
+    code, out, err = _run(capsys, "generate", "--frames_per_tile", "3", "--sample_steps", "1", "--frame_num", "8",
+                          "--save_file", str(tmp_path / "v.mp4"))
+    assert code == 3 and "frames_per_tile must be a positive multiple of" in err
+    assert "Traceback" not in err and "sampling" not in err + out
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_generate_keeps_an_empty_prompt(tmp_path, capsys):
+    """As official: --prompt "" is an empty prompt (only a missing --prompt means the example)."""
+    code, out, err = _run(capsys, "generate", "--prompt", "", "--sample_steps", "1", "--frame_num", "8",
+                          "--save_file", str(tmp_path / "v.mp4"))
+    assert code == 0, err
+    assert "dropped from the prompt" not in out  # the example prompt would have lost its unknown words
+
+
+def test_i2v_480p_shift_default_holds_for_every_spelling_of_the_size():
+    """Official I2V samples 832*480 with shift 3.0; "480p" and "832x480" are the same size here."""
+    from dcvg_wan.pipelines import _defaults
+
+    for size in ("832*480", "480*832", "480p", "832x480"):
+        assert _defaults("i2v-14B", size, True).shift == 3.0, size
+    for size in ("1280*720", "720p", "640*480"):
+        assert _defaults("i2v-14B", size, True).shift == 5.0, size
+
+
+def test_convert_unknown_preset_is_an_input_error(tmp_path, capsys):
+    model = make_model("debug-t2v")
+    model.save_pretrained(tmp_path / "official")
+    code, _, err = _run(capsys, "convert", str(tmp_path / "official"), str(tmp_path / "out"), "--layout", "diffusers",
+                        "--preset", "nope")
+    assert code == 3 and "unknown Wan preset 'nope'" in err

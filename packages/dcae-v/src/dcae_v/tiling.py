@@ -64,6 +64,12 @@ def decode_stream(
         yield tiler(block)
 
 
+def check_frames_per_tile(model: DCAEV, frames_per_tile: int | None) -> None:
+    """Raise InputError now if `frames_per_tile` cannot tile this model in time (callers that decode
+    only after minutes of sampling check it up front)."""
+    _temporal_step(model, None, frames_per_tile)
+
+
 # ---- temporal helpers ------------------------------------------------------------------------
 def _temporal_step(model: DCAEV, frames: int | None, frames_per_tile: int | None) -> int:
     """Validated tile length in frames; `frames` is the clip length (None for a stream)."""

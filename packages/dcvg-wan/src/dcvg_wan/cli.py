@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dcae_v.errors import CheckpointError as AutoencoderCheckpointError
+from dcae_v.errors import InputError as AutoencoderInputError
 from dcvg_wan.__about__ import __version__
 from dcvg_wan.errors import CheckpointError, InputError
 
@@ -112,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except InputError as e:
+    except (InputError, AutoencoderInputError) as e:  # dcae-v raises its own (video files, tiling)
         print(f"dcvg-wan: error: {e}", file=sys.stderr)
         return EXIT_INPUT
-    except CheckpointError as e:
+    except (CheckpointError, AutoencoderCheckpointError) as e:
         print(f"dcvg-wan: checkpoint error: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT
     except KeyboardInterrupt:

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from dcvg_wan.errors import InputError
+
 # Fields that do not change any key or shape: ignored when matching weights to a preset.
 RUNTIME_FIELDS = ("text_len", "eps")
 _POSITIVE = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim", "text_len")
@@ -131,7 +133,7 @@ PRESETS: dict[str, WanConfig] = {
 
 def get_preset(name: str, **overrides: Any) -> WanConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown Wan preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise InputError(f"unknown Wan preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 

@@ -76,20 +76,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The official generate.py flags (same names and defaults) plus ours."""
     p.add_argument("--task", default=None, choices=TASKS + (EMBEDDED,) + tuple(NOT_SUPPORTED),
                    help="official task (default: t2v-14B with --ckpt_dir, the embedded t2v-tiny without)")
-    p.add_argument("--size", default=None, help="W*H (official default 1280*720; I2V: the maximum area)")
-    p.add_argument("--frame_num", type=int, default=None, help="frames (default 81; Wan VAE 4n+1, DC-AE-V 4n)")
+    p.add_argument("--size", default=None,
+                   help="W*H, WxH or 480p/720p/1080p (official default 1280*720, t2v-1.3B 832*480; I2V: the maximum "
+                        "area; the demo model: 128*128); any size is rounded to the latent grid, with a note")
+    p.add_argument("--frame_num", type=int, default=None,
+                   help="frames (default 81, the demo model 16; Wan VAE 4n+1, DC-AE-V 4n)")
     p.add_argument("--ckpt_dir", default=None, help="Wan-2.1 (official or -Diffusers) or DC-VideoGen checkpoint folder")
     p.add_argument("--offload_model", type=_bool, default=None,
                    help="keep models on the CPU between stages (default: True on one GPU, as official)")
     p.add_argument("--t5_cpu", action="store_true", help="run the umT5 text encoder on the CPU")
-    p.add_argument("--save_file", default=None, help="output .mp4 (default: an automatic name)")
+    p.add_argument("--save_file", default=None,
+                   help="output .mp4/.mov/.mkv (t2i: .png; default: an automatic name in the current directory)")
     p.add_argument("--prompt", default=None, help="the prompt (default: the official example prompt)")
-    p.add_argument("--negative_prompt", default=None, help="default: the official negative prompt")
-    p.add_argument("--base_seed", type=int, default=-1, help="-1: random")
+    p.add_argument("--negative_prompt", default=None,
+                   help="default (as official, also when empty): the official negative prompt")
+    p.add_argument("--base_seed", type=int, default=-1, help="-1: random; else 0 .. 2**63-1")
     p.add_argument("--image", default=None, help="I2V: the first frame (any image PyAV reads)")
     p.add_argument("--sample_solver", default="unipc", choices=("unipc", "dpm++", "euler"))
-    p.add_argument("--sample_steps", type=int, default=None, help="default: 50 (T2V) / 40 (I2V)")
-    p.add_argument("--sample_shift", type=float, default=None, help="default: 5.0 (I2V 480p: 3.0)")
+    p.add_argument("--sample_steps", type=int, default=None, help="default: 50 (T2V) / 40 (I2V); the demo model 30")
+    p.add_argument("--sample_shift", type=float, default=None, help="default: 5.0 (I2V 480p: 3.0); the demo model 3.0")
     p.add_argument("--sample_guide_scale", type=float, default=5.0)
     p.add_argument("--ae", default=None, choices=("wan-vae", "dcae-v"),
                    help="latent space: wan-vae (base Wan-2.1) or dcae-v (DC-VideoGen); default wan-vae with --ckpt_dir")
@@ -114,6 +119,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt_extend_method", default="local_qwen", help=argparse.SUPPRESS)
     p.add_argument("--prompt_extend_model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompt_extend_target_lang", default="zh", help=argparse.SUPPRESS)
+    # so are other official flags of tasks/features not implemented here (each refused in run() with the reason)
+    for flag in ("--first_frame", "--last_frame", "--src_video", "--src_mask", "--src_ref_images"):
+        p.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fp8", action="store_true", help=argparse.SUPPRESS)
+
+
+# official flags recognised but refused, with the reason
+REFUSED_FLAGS = {
+    "first_frame": NOT_SUPPORTED["flf2v-14B"], "last_frame": NOT_SUPPORTED["flf2v-14B"],
+    "src_video": _VACE, "src_mask": _VACE, "src_ref_images": _VACE,
+    "fp8": "fp8 weights are not supported here; the DiT runs in --dtype bf16 (the default on CUDA), fp16 or fp32",
+}
 
 
 def _bool(text: str) -> bool:
@@ -128,10 +145,13 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
     """Load, generate, save; returns the written path."""
     from dcvg_wan.pipelines import I2VPipeline, T2VPipeline
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     if args.use_prompt_extend:
         raise InputError("--use_prompt_extend is not supported: prompt extension needs an LLM (DashScope or a local "
                          "Qwen), which this package does not ship; extend the prompt yourself and pass it as --prompt")
+    for name, reason in REFUSED_FLAGS.items():
+        if getattr(args, name, None):
+            raise InputError(f"--{name}: {reason}")
     rank, world = _init_distributed(args, device)
     if world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if device.type == "cuda" else device
@@ -144,6 +164,11 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
     task = args.task or (EMBEDDED if embedded else "t2v-14B")
     defaults: dict = {}
     paths = None
+    if task in NOT_SUPPORTED:
+        raise InputError(f"--task {task}: {NOT_SUPPORTED[task]}; supported: {', '.join(TASKS)}")
+    if task == EMBEDDED and not embedded:
+        raise InputError(f"--task {EMBEDDED} is the embedded demo model and takes no --ckpt_dir; drop --task to run the "
+                         "checkpoint (t2v-14B by default) or drop --ckpt_dir to run the demo")
     if embedded or task == EMBEDDED:
         if task != EMBEDDED:
             raise InputError(f"--task {task} needs --ckpt_dir (the embedded demo model is text-to-video only: t2v-tiny)")
@@ -155,8 +180,6 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
         paths, defaults = embedded_default()
         log("no --ckpt_dir: using the embedded demo model t2v-tiny (a toy Wan DiT on DC-AE-V latents trained on "
             f"synthetic scenes; try --prompt \"{defaults['example_prompt']}\")")
-    if task in NOT_SUPPORTED:
-        raise InputError(f"--task {task}: {NOT_SUPPORTED[task]}; supported: {', '.join(TASKS)}")
     t2i = task.startswith("t2i")
     if t2i and args.frame_num not in (None, 1):
         raise InputError(f"--task {task} generates one image: drop --frame_num or pass 1 (got {args.frame_num})")
@@ -165,6 +188,10 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
         raise InputError("an I2V task needs --image PATH (the first frame)")
     if not i2v and args.image:
         raise InputError(f"--image is only for I2V tasks; --task {task} is text-to-video")
+    check_arguments(args, t2i)
+    image = read_image(args.image) if i2v else None  # before the (slow) model loading: a typo fails fast
+    if args.attention == "triton" and device.type != "cuda":
+        log(f"note: --attention triton runs its kernels on CUDA; on {device.type} attention falls back to SDPA")
     ae = args.ae or ("dcae-v" if embedded else "wan-vae")
     # official: offload on one GPU, not with several processes
     offload = args.offload_model if args.offload_model is not None else (device.type == "cuda" and world == 1)
@@ -197,7 +224,8 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
             shard_for_inference(text_encoder_shard_units(pipe.text_encoder.model))
         log(f"sharded over {world} processes: {'DiT ' if args.dit_fsdp else ''}{'umT5' if args.t5_fsdp else ''}".strip())
     log(f"loaded in {time.perf_counter() - start:.1f} s")
-    prompt = args.prompt or defaults.get("example_prompt") or EXAMPLE_PROMPT["i2v" if i2v else "t2i" if t2i else "t2v"]
+    prompt = args.prompt if args.prompt is not None else (
+        defaults.get("example_prompt") or EXAMPLE_PROMPT["i2v" if i2v else "t2i" if t2i else "t2v"])
     if embedded:
         prompt, dropped, vocabulary = demo_prompt(prompt, paths.tokenizer)
         if dropped:
@@ -206,8 +234,8 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
     size = args.size or defaults.get("size") or ("832*480" if task == "t2v-1.3B" else "1280*720")
     common = {
         "size": size,
-        "frame_num": 1 if t2i else args.frame_num or defaults.get("frame_num", 81),
-        "steps": args.sample_steps or defaults.get("steps"),
+        "frame_num": 1 if t2i else args.frame_num if args.frame_num is not None else defaults.get("frame_num", 81),
+        "steps": args.sample_steps if args.sample_steps is not None else defaults.get("steps"),
         "shift": args.sample_shift if args.sample_shift is not None else defaults.get("shift"),
         "guide_scale": args.sample_guide_scale,
         "solver": args.sample_solver,
@@ -217,7 +245,7 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
         "log": log,
     }
     if i2v:
-        result = pipe(prompt, read_image(args.image), **common)
+        result = pipe(prompt, image, **common)
     else:
         result = pipe(prompt, **common)
     if rank != 0:  # every rank sampled the same latent; rank 0 alone writes it (as official)
@@ -234,11 +262,65 @@ def _silent(_message: str) -> None:
     return None
 
 
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
+
+
+def check_arguments(args: argparse.Namespace, t2i: bool) -> None:
+    """What needs no weights, checked before any model loads (a 14B load takes minutes, and a bad
+    --save_file used to fail only after sampling)."""
+    from dcvg_wan.cost import parse_size
+
+    for flag, value in (("--sample_steps", args.sample_steps), ("--frame_num", args.frame_num),
+                        ("--frames_per_tile", args.frames_per_tile), ("--ulysses_size", args.ulysses_size)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be a positive integer, got {value}")
+    if args.sample_shift is not None and not args.sample_shift > 0:
+        raise InputError(f"--sample_shift must be positive, got {args.sample_shift}")
+    if not -1 <= args.base_seed < 2**63:
+        raise InputError(f"--base_seed must be -1 (random) or in 0 .. 2**63-1, got {args.base_seed}")
+    if args.size is not None:
+        parse_size(args.size)
+    if args.save_file is not None:
+        check_save_file(args.save_file, t2i)
+
+
+def check_save_file(path: str | os.PathLike, t2i: bool) -> None:
+    """The output must be writable with a suffix this task writes: video tasks .mp4/.mov/.mkv,
+    t2i also .png."""
+    target = Path(path)
+    allowed = (".png", *VIDEO_SUFFIXES) if t2i else VIDEO_SUFFIXES
+    if target.is_dir():
+        raise InputError(f"cannot write {str(path)!r}: it is a directory; give a file name")
+    if target.suffix.lower() not in allowed:
+        hint = "" if t2i else " (.png is for the t2i-14B task)"
+        raise InputError(f"cannot write {str(path)!r}: use a {', '.join(allowed)} path{hint}")
+    parent = target.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write {str(path)!r}: the directory {str(parent)!r} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write {str(path)!r}: the directory {str(parent)!r} is not writable")
+
+
+def _device(text: str | None) -> torch.device:
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise InputError(f"--device {text!r} is not a device this package runs on; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {text!r} is not a device this package runs on; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {text} was asked for but torch sees no CUDA device; use --device cpu")
+    return device
+
+
 def _init_distributed(args: argparse.Namespace, device: torch.device) -> tuple[int, int]:
     """(rank, world): torchrun's processes (the Ulysses group with --ulysses_size N, the FSDP group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.ring_size != 1:
-        raise InputError("--ring_size > 1 (ring attention) is not supported; use --ulysses_size")
+        raise InputError(f"--ring_size must be 1 (ring attention is not supported; use --ulysses_size), got "
+                         f"{args.ring_size}")
     if args.ulysses_size > 1 and args.ulysses_size != world:
         raise InputError(
             f"--ulysses_size {args.ulysses_size} must equal the number of processes ({world}); launch with "

@@ -143,9 +143,12 @@ class DCAEVSpace(LatentSpace):
 
     def __init__(self, model: torch.nn.Module, patch: tuple[int, int, int], frames_per_tile: int | None = None,
                  tile_size: int | None = None):
+        from dcae_v.tiling import check_frames_per_tile
+
         super().__init__(model, patch)
         self.spatial = model.spatial_compression
         self.temporal = model.temporal_compression
+        check_frames_per_tile(model, frames_per_tile)  # at load time, not after sampling
         self.frames_per_tile = frames_per_tile
         self.tile_size = tile_size  # spatial tiles in pixels (DCAEV.encode/decode tile_size)
 

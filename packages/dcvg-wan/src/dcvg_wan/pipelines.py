@@ -362,7 +362,14 @@ def _check_image(image: torch.Tensor) -> torch.Tensor:
 def _defaults(task: str, size: str, i2v: bool):
     """Official defaults for the task at this size. A size the official task does not list
     (allowed here: the latent space rounds it) gets the task's defaults at its default size; a
-    custom DiT (no official task) those of t2v-14B / i2v-14B."""
+    custom DiT (no official task) those of t2v-14B / i2v-14B. The size is looked up in generate.py's
+    spelling, so "480p" and "832x480" get I2V's 480p shift (3.0) as "832*480" does."""
+    from dcvg_wan.cost import parse_size
+
+    try:
+        size = "{}*{}".format(*parse_size(size))
+    except InputError:
+        pass  # not a size: the fallbacks below take the task's default size
     for args in ((task, size), (task,), ("i2v-14B" if i2v else "t2v-14B", size), ("i2v-14B" if i2v else "t2v-14B",)):
         try:
             return sample_defaults(*args)
