@@ -134,3 +134,20 @@ def test_adapt_i2v_and_generate_with_the_adapted_model(setup, tmp_path, capsys):
                  "--size", "32*32", "--frame_num", "8", "--sample_steps", "2", "--prompt", "a red circle",
                  "--save_file", str(mp4)]) == 0, capsys.readouterr().err
     assert mp4.is_file()
+
+
+def test_task_comes_from_the_dit_and_a_mismatch_is_refused():
+    """The Table 8 schedule follows the DiT: a 1.3B model is not adapted on the 14B schedule because
+    --task was left out, and an I2V model needs --task i2v-14B (its cache holds the image
+    conditioning); a custom architecture takes the --task given."""
+    from dcvg_wan.adapt_command import task_of
+    from dcvg_wan.config import get_preset
+
+    assert task_of(get_preset("t2v-1.3B"), None) == "t2v-1.3B"
+    assert task_of(get_preset("t2v-14B"), None) == "t2v-14B"
+    assert task_of(get_preset("debug-t2v"), None) == "t2v-14B" and task_of(get_preset("debug-t2v"), "t2v-1.3B") == "t2v-1.3B"
+    assert task_of(get_preset("i2v-14B-720p"), "i2v-14B") == "i2v-14B"
+    for config, asked, fix in (("t2v-1.3B", "t2v-14B", "pass --task t2v-1.3B"), ("i2v-14B-480p", None, "pass --task i2v-14B"),
+                               ("t2v-14B", "i2v-14B", "pass --task t2v-14B"), ("debug-i2v", "t2v-14B", "i2v-14B")):
+        with pytest.raises(InputError, match=fix):
+            task_of(get_preset(config), asked)

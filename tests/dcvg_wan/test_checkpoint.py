@@ -224,3 +224,19 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, model, new_mod
     with pytest.raises(OSError, match="disk full"):
         new_model("debug-t2v", seed=9).save_pretrained(tmp_path / "m")
     assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+
+
+@pytest.mark.parametrize("form", ["official-dir", "diffusers-dir", "comfy-file", "official-pth"])
+def test_read_wan_config_equals_the_loaded_models_config(tmp_path, model, form):
+    """`read_wan_config` (headers only; `dcvg-wan adapt` picks its task with it before any work)
+    gives the architecture that loading the weights gives, in every layout."""
+    if form.endswith("-dir"):
+        model.save_pretrained(tmp_path / "m", layout=form.removesuffix("-dir"))
+        path = tmp_path / "m"
+    elif form == "comfy-file":
+        path = tmp_path / "m.safetensors"
+        save_file(from_official(model.state_dict(), "comfy"), path)
+    else:
+        path = tmp_path / "m.pth"
+        torch.save(model.state_dict(), path)
+    assert ckpt.read_wan_config(path) == WanModel.from_pretrained(path).config

@@ -38,10 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DC-AE-V checkpoint (.pt or folder); `default`: the small one shipped with dcae-v")
     p.add_argument("--data", required=True, help="folder of videos with <name>.txt prompts, or a .jsonl list")
     p.add_argument("--out", required=True, help="output folder (cache, stage checkpoints, adapted model)")
-    p.add_argument("--task", default="t2v-14B", choices=("t2v-1.3B", "t2v-14B", "i2v-14B"))
+    p.add_argument("--task", default=None, choices=("t2v-1.3B", "t2v-14B", "i2v-14B"),
+                   help="default: the DiT's own (t2v-1.3B or t2v-14B; an I2V DiT needs --task i2v-14B, which "
+                        "also caches the image conditioning)")
     p.add_argument("--size", default="832*480", help="W*H the clips are resized and centre-cropped to")
     p.add_argument("--frame_num", type=int, default=81, help="frames per clip (4n+1; DC-AE-V takes the first 4n)")
-    p.add_argument("--preset", default=None, help="ae-adapt preset (default wan-14B, or wan-1.3B for t2v-1.3B)")
+    p.add_argument("--preset", default=None, help="ae-adapt preset (default wan-1.3B for t2v-1.3B, else wan-14B)")
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="preset overrides, e.g. embedder.steps=100 lora_rank=64")
@@ -137,10 +139,32 @@ def _apply_overrides(preset_name: str, overrides: dict) -> dict:
     return kwargs
 
 
+def task_of(config, asked: str | None) -> str:
+    """The task of the DiT being adapted (its WanConfig), which picks the Table 8 schedule and
+    whether the cache holds I2V conditioning: the DiT's own, or --task where it fits. A 1.3B model
+    on the 14B schedule, or an I2V model without image conditioning, would silently be something
+    else, so a mismatch is refused before any work."""
+    from dcvg_wan.config import preset_names
+
+    names = preset_names(config)
+    if config.image_dim is not None:
+        own = "i2v-14B"
+    else:
+        own = "t2v-1.3B" if "t2v-1.3B" in names else "t2v-14B"
+    # T2V sizes are refused only for an official architecture: a custom DiT takes the --task given
+    mismatch = asked != own and (own == "i2v-14B" or asked == "i2v-14B" or (asked is not None and own in names))
+    if mismatch:
+        raise InputError(f"--task {asked} does not fit the DiT in --ckpt_dir, a {own} model "
+                         f"({', '.join(names) or 'custom architecture'}); pass --task {own}"
+                         f"{'' if own == 'i2v-14B' else ' or drop --task'}")
+    return asked or own
+
+
 def run(args: argparse.Namespace, log=print):
     from ae_adapt import build_cache
     from dcae_v import DCAEV
     from dcvg_wan.adapt import run_adapt
+    from dcvg_wan.checkpoint import read_wan_config
     from dcvg_wan.components import locate_components
     from dcvg_wan.cost import parse_size
     from dcvg_wan.latent_spaces import DCAEVSpace, WanVAESpace
@@ -149,13 +173,15 @@ def run(args: argparse.Namespace, log=print):
     from dcvg_wan.vae import WanVAE
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    i2v = args.task.startswith("i2v")
     width, height = parse_size(args.size)
     if (args.frame_num - 1) % 4 or args.frame_num < 5:
         raise InputError(f"--frame_num must be 4n+1 (>= 5) so that both autoencoders see the same clip, got {args.frame_num}")
-    preset = args.preset or ("wan-1.3B" if args.task == "t2v-1.3B" else "wan-14B")
+    paths = locate_components(args.ckpt_dir, i2v=(args.task or "").startswith("i2v"), ae="wan-vae")
+    task = task_of(read_wan_config(paths.dit), args.task)
+    i2v = task.startswith("i2v")
+    preset = args.preset or ("wan-1.3B" if task == "t2v-1.3B" else "wan-14B")
     overrides = _apply_overrides(preset, parse_overrides(args.set))
-    paths = locate_components(args.ckpt_dir, i2v=i2v, ae="wan-vae")
+    log(f"task {task}; ae-adapt preset {preset} (Table 8)")
     shipped = args.dcae_ckpt == "default"
     dcae = DCAEV.from_pretrained(None if shipped else args.dcae_ckpt).to(device, torch.float32).eval()
     dcae_name = f"dcae-v:{Path(args.dcae_ckpt).name}:{dcae.config.latent_channels}c"

@@ -73,6 +73,22 @@ def load_wan(
     return model.to(device).eval()
 
 
+def read_wan_config(path: str | os.PathLike) -> WanConfig:
+    """The architecture of a DiT checkpoint (config.json, else the tensor shapes) without reading its
+    weights: safetensors headers only (meta tensors), an official .pth memory-mapped."""
+    path = Path(path)
+    files, config_fields = _locate(path)
+    shapes: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            with _safetensors_errors(file), safe_open(str(file), framework="pt") as handle:
+                shapes.update({k: torch.empty(handle.get_slice(k).get_shape(), device="meta")
+                               for k in handle.keys()})  # noqa: SIM118 - safe_open is not iterable
+        else:
+            shapes.update(read_weight_file(file))
+    return resolve_config(to_official(shapes, detect_layout(list(shapes))), config_fields, path)
+
+
 # ---- finding and reading files ---------------------------------------------------------------
 def _locate(path: Path) -> tuple[list[Path], dict[str, Any] | None]:
     """(weight files, config fields from config.json or None)."""
