@@ -234,3 +234,17 @@ def test_convert_unknown_preset_is_an_input_error(tmp_path, capsys):
     code, _, err = _run(capsys, "convert", str(tmp_path / "official"), str(tmp_path / "out"), "--layout", "diffusers",
                         "--preset", "nope")
     assert code == 3 and "unknown Wan preset 'nope'" in err
+
+
+@pytest.mark.parametrize("layout, name, match", [
+    ("official", "out.safetensors", "writes a folder"),
+    ("comfy", "a-file/out.safetensors", "is not a writable folder"),
+    ("diffusers", "a-file/sub/out", "is not a writable folder"),
+])
+def test_convert_refuses_an_output_it_cannot_write_before_loading(tmp_path, capsys, layout, name, match):
+    """Checked before the (large) checkpoint is read, which here does not even exist: an
+    official/diffusers folder named like a single file, or a path under something that is not a
+    writable folder."""
+    (tmp_path / "a-file").write_text("x")
+    code, _, err = _run(capsys, "convert", str(tmp_path / "does-not-exist"), str(tmp_path / name), "--layout", layout)
+    assert code == 3 and match in err, err

@@ -9,6 +9,7 @@ Python's traceback and exit code 1). Commands: `generate` (official generate.py 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dcae_v.errors import CheckpointError as AutoencoderCheckpointError
@@ -45,13 +46,32 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_writable_target(path: str) -> None:
+    """Before the work: the nearest existing folder on the path must be a writable folder (the
+    writers create the missing ones, as diffusers' save_pretrained does)."""
+    from pathlib import Path
+
+    ancestor = Path(path).absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise InputError(f"cannot write {path}: {ancestor} is not a writable folder")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from dcvg_wan.checkpoint import convert_checkpoint
 
+    if args.layout != "comfy" and args.output.endswith(".safetensors"):
+        raise InputError(f"--layout {args.layout} writes a folder (config.json + weights), not {args.output}; name a "
+                         "folder, or use --layout comfy for one .safetensors file")
+    check_writable_target(args.output)
     dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    model = convert_checkpoint(args.input, args.output, layout=args.layout, preset=args.preset, dtype=dtype)
+    try:
+        model = convert_checkpoint(args.input, args.output, layout=args.layout, preset=args.preset, dtype=dtype)
+    except OSError as e:  # e.g. the disk filled up while writing
+        raise InputError(f"cannot write {args.output}: {e.strerror or e}") from e
     names = ", ".join(model.preset_names) or "custom architecture"
     print(f"wrote {args.output} ({args.layout} layout; {names})")
     return 0
