@@ -195,6 +195,7 @@ def test_t2i_task_writes_one_png_like_the_official_command(tmp_path, capsys):
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 1 and frames[0].shape == (32, 48, 3)
     assert default_save_file("t2i-14B", "1280*720", "a cat").endswith(".png")
+    assert default_save_file("t2v-14B", "1280*720", "a cat", 8, 1).startswith("t2v-14B_1280x720_8_1_a_cat_")
     assert main([*argv, "--frame_num", "5"]) == 3
     assert "generates one image" in capsys.readouterr().err
 

@@ -250,7 +250,7 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
         result = pipe(prompt, **common)
     if rank != 0:  # every rank sampled the same latent; rank 0 alone writes it (as official)
         return None
-    save_file = args.save_file or default_save_file(task, result.size.size, prompt)
+    save_file = args.save_file or default_save_file(task, result.size.size, prompt, args.ulysses_size, args.ring_size)
     result.save(save_file)
     log(f"seed {result.seed}; {result.size.frames} frames of {result.size.size}")
     log("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
@@ -366,8 +366,9 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     return to_model_range(frames)[:, :, 0]
 
 
-def default_save_file(task: str, size: str, prompt: str) -> str:
-    """Official naming: task_size_1_1_prompt_timestamp.mp4 (.png for t2i)."""
+def default_save_file(task: str, size: str, prompt: str, ulysses_size: int = 1, ring_size: int = 1) -> str:
+    """Official naming: task_size_ulysses_ring_prompt_timestamp.mp4 (.png for t2i), with WxH for W*H."""
     words = re.sub(r"[^\w]+", "_", prompt.strip())[:50].strip("_")
     suffix = ".png" if task.startswith("t2i") else ".mp4"
-    return f"{task}_{size.replace('*', 'x')}_1_1_{words}_{time.strftime('%Y%m%d_%H%M%S')}{suffix}"
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    return f"{task}_{size.replace('*', 'x')}_{ulysses_size}_{ring_size}_{words}_{stamp}{suffix}"
