@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -44,3 +46,47 @@ def test_export_lora_command(tmp_path):
     lora_io.save_lora(model, tmp_path / "adapter")
     assert main(["export-lora", str(tmp_path / "adapter"), "-o", str(tmp_path / "l.safetensors")]) == 0
     assert "diffusion_model.blocks.0.qkv.lora_A.weight" in load_file(str(tmp_path / "l.safetensors"))
+
+
+def _adapter(tmp_path):
+    model = ExampleDiT(PRESETS["tiny"])
+    lora_io.add_lora(model, rank=2, alpha=4, target_modules=("qkv",))
+    return lora_io.save_lora(model, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("where, message", [
+    ("missing dir", "the directory '{d}/nodir' does not exist"),
+    ("under a file", "'{d}/afile' is not a directory"),
+    ("a directory", "it is a directory"),
+    ("proc", "no new file can be created in '/proc'"),
+])
+def test_export_lora_unwritable_output_is_one_line(tmp_path, capsys, where, message):
+    if where == "proc" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    adapter = _adapter(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    out = {"missing dir": tmp_path / "nodir" / "l.safetensors", "under a file": tmp_path / "afile" / "l.safetensors",
+           "a directory": tmp_path, "proc": "/proc/l.safetensors"}[where]
+    assert main(["export-lora", str(adapter), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ae-adapt: error: cannot write '{out}'") and message.format(d=tmp_path) in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_export_lora_write_failure_is_an_output_error(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    def fail(*a, **k):
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    assert main(["export-lora", str(_adapter(tmp_path)), "-o", str(tmp_path / "l.safetensors")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_unknown_preset_is_a_typed_value_error():
+    from ae_adapt import AdaptError, PresetError, get_preset
+
+    with pytest.raises(PresetError, match="valid presets: wan-1.3B, wan-14B, debug") as e:
+        get_preset("nope")
+    assert isinstance(e.value, AdaptError) and isinstance(e.value, ValueError)

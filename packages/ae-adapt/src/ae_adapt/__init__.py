@@ -10,7 +10,15 @@ A model takes part through the `AdaptableDiT` protocol (see `ae_adapt.example_di
 
 from ae_adapt.__about__ import __version__
 from ae_adapt.cache import LatentCache, build_cache
-from ae_adapt.errors import AdaptError, CacheError, ProtocolError, ResumeError, ShapeError
+from ae_adapt.errors import (
+    AdaptError,
+    CacheError,
+    OutputError,
+    PresetError,
+    ProtocolError,
+    ResumeError,
+    ShapeError,
+)
 from ae_adapt.protocol import AdaptableDiT, check_adaptable
 from ae_adapt.stages import (
     PRESETS,
@@ -31,6 +39,8 @@ __all__ = [
     "AdaptableDiT",
     "CacheError",
     "LatentCache",
+    "OutputError",
+    "PresetError",
     "ProtocolError",
     "ResumeError",
     "ShapeError",

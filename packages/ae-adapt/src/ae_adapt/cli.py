@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
 
 from ae_adapt.__about__ import __version__
-from ae_adapt.errors import AdaptError
+from ae_adapt.errors import AdaptError, OutputError
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -28,13 +30,39 @@ def _cache_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_output_file(path: str) -> None:
+    """Refuse an output file that cannot be written before converting anything: the directory
+    must exist and accept a new file (probed, so it also holds for root), the target must not be
+    a directory."""
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write {path!r}: it is a directory; give a file name such as {os.path.join(path, 'lora.safetensors')!r}")
+    head = os.path.dirname(path) or "."
+    if not os.path.exists(head):
+        raise OutputError(f"cannot write {path!r}: the directory {head!r} does not exist")
+    if not os.path.isdir(head):
+        raise OutputError(f"cannot write {path!r}: {head!r} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".ae-adapt-write-check.", dir=head)
+    except OSError as e:
+        raise OutputError(
+            f"cannot write {path!r}: no new file can be created in {head!r} ({e.strerror or e}); choose a writable directory"
+        ) from None
+    os.close(fd)
+    os.remove(tmp)
+
+
 def _export_lora(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from ae_adapt.lora_io import convert_peft_adapter
 
+    check_output_file(args.out)
     state = convert_peft_adapter(args.adapter_dir, args.format, strip_prefix=args.strip_prefix)
-    save_file(state, args.out)
+    try:
+        save_file(state, args.out)
+    except (OSError, SafetensorError) as e:
+        raise OutputError(f"cannot write {args.out!r}: {e}") from e
     print(f"wrote {len(state) // 3} LoRA layers ({args.format} keys) to {args.out}")
     return 0
 

@@ -19,3 +19,11 @@ class CacheError(AdaptError, ValueError):
 
 class ResumeError(AdaptError, ValueError):
     """A checkpoint that cannot be resumed as asked (changed config, other stage, other world size)."""
+
+
+class PresetError(AdaptError, ValueError):
+    """An unknown preset name (the message lists the valid ones)."""
+
+
+class OutputError(AdaptError, ValueError):
+    """An output path that cannot be written (missing or read-only directory, a directory as target)."""

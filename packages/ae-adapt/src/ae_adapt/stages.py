@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ae_adapt.errors import ShapeError
+from ae_adapt.errors import PresetError, ShapeError
 from ae_adapt.flow import diffusion_loss
 from ae_adapt.protocol import Grid, check_adaptable
 from ae_adapt.trainer import DONE, TrainConfig, Trainer, TrainResult, world
@@ -82,7 +82,7 @@ PRESETS: dict[str, AdaptPreset] = {
 
 def get_preset(name: str, **overrides: Any) -> AdaptPreset:
     if name not in PRESETS:
-        raise ValueError(f"unknown ae-adapt preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise PresetError(f"unknown ae-adapt preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 

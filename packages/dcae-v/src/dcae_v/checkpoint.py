@@ -66,7 +66,7 @@ def load_dcaev(
     config = config.replace(**overrides) if overrides else config
     with torch.device("meta"):
         model = DCAEV(config)
-    check_state_dict(model, state_dict, layout=layout, path=path)
+    check_state_dict(model, state_dict, layout=layout, path=path, preset=preset)
     model.load_state_dict(state_dict, assign=True, strict=True)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()
@@ -153,7 +153,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for corrupt/foreign pickles
+    except Exception as e:  # noqa: BLE001 -- torch raises many types for corrupt/foreign pickles
         raise CheckpointError(
             f"cannot read {path} with torch.load(weights_only=True): {str(e).splitlines()[0]}. "
             f"Only plain tensor checkpoints such as NVIDIA's dc-ae-v-*.pt are supported."
@@ -247,11 +247,17 @@ def expected_shapes(config: DCAEVConfig) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in DCAEV(config).state_dict().items()}
 
 
-def check_state_dict(model: DCAEV, sd: Mapping[str, torch.Tensor], *, layout: str = "", path: Any = "") -> None:
-    """Raise a CheckpointError listing missing, unexpected and mis-shaped keys, with the best preset."""
+def check_state_dict(
+    model: DCAEV, sd: Mapping[str, torch.Tensor], *, layout: str = "", path: Any = "", preset: str | None = None
+) -> None:
+    """Raise a CheckpointError listing missing, unexpected and mis-shaped keys, with the best preset.
+
+    preset: the name the user asked for, shown as typed (several presets share an fXtYcZ name).
+    """
     lines = key_mismatch_lines({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd)
     if lines:
-        head = f"checkpoint {path} ({layout}) does not fit DC-AE-V {model.config.name}:"
+        name = model.config.name if preset in (None, model.config.name) else f"preset {preset!r} ({model.config.name})"
+        head = f"checkpoint {path} ({layout}) does not fit DC-AE-V {name}:"
         raise CheckpointError("\n".join([head, *lines, f"  {_best_preset_message(sd)}"]))
 
 

@@ -1,15 +1,18 @@
 """`dcae-v`: compress, reconstruct and evaluate videos with DC-AE-V.
 
 Thin layer: parses arguments, calls `dcae_v.jobs`, turns typed errors into exit codes
-(0 ok, 2 usage, 3 bad input, 4 checkpoint problem, 5 out of memory, 130 interrupted;
-an unexpected bug keeps Python's traceback and exit code 1).
+(0 ok, 2 usage, 3 bad input, 4 checkpoint problem, 5 out of memory, 130 interrupted,
+141 output pipe closed; an unexpected bug keeps Python's traceback and exit code 1).
+Output paths are checked before a model is loaded, so a typo never costs the compute.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +23,7 @@ from dcae_v.errors import CheckpointError, InputError
 DEMO_CLIP = Path(__file__).parent / "assets" / "demo.mp4"
 EXIT_INPUT, EXIT_CHECKPOINT, EXIT_OOM, EXIT_INTERRUPT = 3, 4, 5, 130
 EXIT_DIVERGED = 6  # `train`: NaN/Inf loss
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `dcae-v info | head`
 
 
 def _model_options(p: argparse.ArgumentParser, tiles: bool = True) -> None:
@@ -64,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="paper protocol on a folder of videos (80 x 256 x 256 clips), table + JSON")
     p.add_argument("directory")
-    p.add_argument("--frames", type=int, default=80)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--max-clips", type=int)
+    p.add_argument("--frames", type=int, default=80,
+                   help="first N frames of each clip; shorter clips are skipped (default: 80, the paper's)")
+    p.add_argument("--size", type=int, default=256,
+                   help="shorter side resized to this, then centre-cropped square, in pixels (default: 256)")
+    p.add_argument("--max-clips", type=int, help="only the first N videos, in name order (default: all)")
     p.add_argument("--json", dest="json_path", default="-", help="write the JSON here (default: stdout after the table)")
     p.add_argument("--lpips-backbone", help="torchvision AlexNet weights (alexnet-owt-7be5be79.pth)")
     p.add_argument("--lpips-heads", help="LPIPS linear heads (lpips weights/v0.1/alex.pth)")
@@ -78,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint, run")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. optim.lr=1e-4 data.frames=16")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as JSON (usable as --config) and exit, without validating it")
 
     p = sub.add_parser("info", help="describe a checkpoint (layout, preset, parameters, dtype)")
     p.add_argument("checkpoint", nargs="?", help="default: the shipped checkpoint")
@@ -110,13 +117,28 @@ def _load(args):
     source = args.checkpoint or "embedded default"
     params = sum(p.numel() for p in model.parameters()) / 1e6
     c = model.config
-    print(f"model: {c.name} ({source}), {c.temporal} chunk {c.chunk_size}, {params:.1f}M params, "
+    name = f"{args.preset} = {c.name}" if args.preset and args.preset != c.name else c.name
+    print(f"model: {name} ({source}), {c.temporal} chunk {c.chunk_size}, {params:.1f}M params, "
           f"{device} {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     return model
 
 
 def _tiles(args) -> dict:
     return {"frames_per_tile": args.frames_per_tile, "tile_size": args.tile_size}
+
+
+def _check_video_output(args) -> None:
+    """Suffix, --lossless and a writable directory, before the model is loaded (opens nothing)."""
+    from dcae_v.io import VideoWriter
+
+    VideoWriter(args.output, 1.0, lossless=args.lossless)
+
+
+def _size_note(args, r) -> str:
+    """yuv420p needs even sizes: an odd-sized result is padded by one row/column in the file."""
+    if args.lossless or not (r.width % 2 or r.height % 2):
+        return ""
+    return f" (stored padded to {r.width + r.width % 2}x{r.height + r.height % 2}: yuv420p needs even sizes)"
 
 
 def cmd_reconstruct(args) -> int:
@@ -126,20 +148,23 @@ def cmd_reconstruct(args) -> int:
     if src is None:
         src = DEMO_CLIP
         print(f"no input given: reconstructing the bundled demo clip {DEMO_CLIP}", file=sys.stderr)
+    _check_video_output(args)
     model = _load(args)
     r = reconstruct_file(model, src, args.output, lossless=args.lossless, max_frames=args.max_frames, progress=None, **_tiles(args))
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
     else:
-        print(f"wrote {r.output}: {r.frames} frames {r.width}x{r.height} @ {r.fps:g} fps in {r.seconds:.1f} s")
+        print(f"wrote {r.output}: {r.frames} frames {r.width}x{r.height}{_size_note(args, r)} @ {r.fps:g} fps "
+              f"in {r.seconds:.1f} s")
         ssim = "n/a (frames under 11 px)" if r.ssim != r.ssim else f"{r.ssim:.4f}"
         print(f"PSNR {r.psnr:.2f} dB  SSIM {ssim}")
     return 0
 
 
 def cmd_encode(args) -> int:
-    from dcae_v.jobs import encode_file
+    from dcae_v.jobs import check_latent_output, encode_file
 
+    check_latent_output(args.output)
     r = encode_file(_load(args), args.input, args.output, max_frames=args.max_frames, progress=None, **_tiles(args))
     print(f"wrote {r.output}: latent of {r.frames} frames {r.width}x{r.height} in {r.seconds:.1f} s")
     return 0
@@ -148,15 +173,20 @@ def cmd_encode(args) -> int:
 def cmd_decode(args) -> int:
     from dcae_v.jobs import decode_file
 
+    _check_video_output(args)
     r = decode_file(_load(args), args.input, args.output, lossless=args.lossless, fps=args.fps, progress=None, **_tiles(args))
-    print(f"wrote {r.output}: {r.frames} frames {r.width}x{r.height} @ {r.fps:g} fps in {r.seconds:.1f} s")
+    print(f"wrote {r.output}: {r.frames} frames {r.width}x{r.height}{_size_note(args, r)} @ {r.fps:g} fps "
+          f"in {r.seconds:.1f} s")
     return 0
 
 
 def cmd_eval(args) -> int:
+    from dcae_v.io import check_output_path, write_reason
     from dcae_v.jobs import evaluate_dir, format_table
     from dcae_v.metrics import FVD, LPIPS
 
+    if args.json_path != "-":
+        check_output_path(args.json_path)  # before the (long) evaluation
     if bool(args.lpips_backbone) != bool(args.lpips_heads):
         raise InputError("LPIPS needs both --lpips-backbone and --lpips-heads")
     lpips = LPIPS.from_weights(args.lpips_backbone, args.lpips_heads) if args.lpips_backbone else None
@@ -171,7 +201,10 @@ def cmd_eval(args) -> int:
     if args.json_path == "-":
         print(text)
     else:
-        Path(args.json_path).write_text(text + "\n")
+        try:
+            Path(args.json_path).write_text(text + "\n")
+        except OSError as e:
+            raise InputError(f"cannot write {args.json_path!r}: {write_reason(e)}; the table above is all there is") from e
         print(f"wrote {args.json_path}")
     return 0
 
@@ -187,17 +220,33 @@ def cmd_train(args) -> int:
     import logging
     import os
 
+    from dcae_v.io import check_output_dir, write_reason
     from dcae_v.train import TrainingDiverged, TrainingOOM, load_config, train
+    from dcae_v.train.checkpoints import list_checkpoints
 
+    if args.print_config:  # the resolved values, unvalidated: a starting point to edit, not a run
+        cfg = load_config(args.config, args.overrides, check=False)
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
     cfg = load_config(args.config, args.overrides)
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
-    if main_process or args.print_config:
+    if main_process:
         print(cfg, file=sys.stderr)
-    if args.print_config:
-        return 0
+    out_dir = Path(cfg.run.out_dir)
+    check_output_dir(out_dir, "run.out_dir")
+    existing = list_checkpoints(out_dir / "checkpoints")
+    if existing and not args.resume:
+        raise InputError(
+            f"run.out_dir {out_dir} already holds checkpoints of a run (newest: {existing[-1].name}); pass --resume "
+            f"to continue it, or choose another run.out_dir"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         result = train(cfg, resume=args.resume)
+    except OSError as e:
+        if e.filename is None or not _inside(e.filename, out_dir):
+            raise
+        raise InputError(f"cannot write {e.filename!r} in run.out_dir: {write_reason(e)}") from e
     except TrainingOOM as e:
         print(f"dcae-v: out of memory: {e}", file=sys.stderr)
         return EXIT_OOM
@@ -208,6 +257,15 @@ def cmd_train(args) -> int:
         print(f"trained to step {result.step}; checkpoint {result.checkpoint}; "
               f"exports: {', '.join(map(str, result.exports)) or 'none'}")
     return 0
+
+
+def _inside(path, directory: Path) -> bool:
+    return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(directory))
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings are advice to the user: one line, no source location."""
+    return f"dcae-v: warning: {message}\n"
 
 
 COMMANDS = {"reconstruct": cmd_reconstruct, "encode": cmd_encode, "decode": cmd_decode, "eval": cmd_eval,
@@ -221,8 +279,17 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value <= 0:
             print(f"dcae-v: error: --{name.replace('_', '-')} must be positive, got {value}", file=sys.stderr)
             return 2
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's final flush
+        return code
+    except BrokenPipeError:  # `dcae-v info | head`: the reader left; stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush into the pipe
+        except (OSError, ValueError):  # stdout is not a real file (e.g. captured)
+            pass
+        return EXIT_BROKEN_PIPE
     except InputError as e:
         print(f"dcae-v: error: {e}", file=sys.stderr)
         return EXIT_INPUT
@@ -236,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dcae-v: interrupted", file=sys.stderr)
         return EXIT_INTERRUPT
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

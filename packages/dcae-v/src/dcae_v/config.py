@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from dcae_v.errors import InputError
+
 TEMPORAL_MODES = ("chunk_causal", "causal", "non_causal")
 
 
@@ -149,5 +151,5 @@ ALIASES = {
 def get_preset(name: str, **overrides: Any) -> DCAEVConfig:
     key = ALIASES.get(name, name)
     if key not in PRESETS:
-        raise ValueError(f"unknown DC-AE-V preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise InputError(f"unknown DC-AE-V preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[key].replace(**overrides) if overrides else PRESETS[key]

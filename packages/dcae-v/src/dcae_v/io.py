@@ -8,11 +8,13 @@ Every problem a user can fix (missing or corrupt file, odd pixel format, wrong a
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Self
 
 import av
 import numpy as np
@@ -296,6 +298,54 @@ def _expected_frames(container, stream) -> int | None:
 
 
 # ---- writing ---------------------------------------------------------------------------------
+def check_output_path(path: str | os.PathLike) -> None:
+    """Refuse an output file that cannot be written, before any compute is spent on it.
+
+    The directory must exist (it is not created: a typo should not silently make new folders),
+    be a directory and accept a new file; the target itself must not be a directory.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"cannot write {path!r}: it is a directory; give a file name (e.g. {os.path.join(path, 'out')!r})")
+    head = os.path.dirname(path)
+    if head and not os.path.exists(head):
+        raise InputError(f"cannot write {path!r}: the directory {head!r} does not exist")
+    if head and not os.path.isdir(head):
+        raise InputError(f"cannot write {path!r}: {head!r} is not a directory")
+    _probe_write(head or ".", path)
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output directory") -> None:
+    """Refuse a directory that cannot be created or written (checks its nearest existing parent)."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"cannot write {what} {path!r}: it exists and is not a directory")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"cannot create {what} {path!r}: {existing!r} is a file, not a directory")
+    _probe_write(existing, path, what + " ")
+
+
+def _probe_write(directory: str, path: str, what: str = "") -> None:
+    """Create and delete a hidden file: the only check that also holds for root and odd filesystems."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".dcae-v-write-check.", dir=directory)
+    except OSError as e:
+        raise InputError(
+            f"cannot write {what}{path!r}: no new file can be created in {directory!r} ({write_reason(e)}); "
+            f"choose a writable directory"
+        ) from None
+    os.close(fd)
+    os.remove(tmp)
+
+
+def write_reason(e: BaseException) -> str:
+    """The reason part of an OSError / PyAV error, without the temp-file name it often carries."""
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
 def write_video(
     path: str | os.PathLike, frames: np.ndarray | torch.Tensor | Iterable, fps: float, *, lossless: bool = False
 ) -> None:
@@ -330,14 +380,13 @@ class VideoWriter:
             raise InputError(f"fps must be a positive finite number, got {fps!r}")
         self.rate = _as_fraction(fps)
         self.lossless, self._muxer, self._even = lossless, _LOSSY_MUXERS[ext], 1 if lossless else 2
+        check_output_path(self.path)
         head, tail = os.path.split(self.path)
-        if not os.path.isdir(head or "."):
-            raise InputError(f"cannot write {self.path!r}: the directory {head!r} does not exist")
         self._tmp = os.path.join(head, f".{tail}.{uuid.uuid4().hex[:8]}.partial{ext}")
         self._container = self._stream = self._size = None
         self.frames_written, self._closed = 0, False
 
-    def __enter__(self) -> VideoWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -365,7 +414,12 @@ class VideoWriter:
         for f in x:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
             frame.pts = self.frames_written
-            self._container.mux(self._stream.encode(frame))
+            try:  # the file is opened at the first mux: an unwritable place shows up here
+                self._container.mux(self._stream.encode(frame))
+            except (av.FFmpegError, OSError) as e:
+                self._abort()
+                self._closed = True
+                raise InputError(f"cannot write {self.path!r}: {write_reason(e)}") from e
             self.frames_written += 1
 
     def close(self) -> None:
@@ -380,6 +434,9 @@ class VideoWriter:
             self._container.close()
             self._container = None
             os.replace(self._tmp, self.path)
+        except (av.FFmpegError, OSError) as e:
+            self._abort()
+            raise InputError(f"cannot write {self.path!r}: {write_reason(e)}") from e
         except BaseException:
             self._abort()
             raise
@@ -388,7 +445,8 @@ class VideoWriter:
         self._size = (height, width)
         if not self.lossless and (height % 2 or width % 2):
             warnings.warn(
-                f"{self.path}: yuv420p needs even sizes; padded {height}x{width} by replicating the last row/column",
+                f"{self.path}: yuv420p needs even sizes; padded {width}x{height} to {width + width % 2}x"
+                f"{height + height % 2} by replicating the last row/column",
                 stacklevel=3,
             )
         options = {"movflags": "faststart"} if self._muxer in ("mp4", "mov") else {}

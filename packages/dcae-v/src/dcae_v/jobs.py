@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -19,14 +20,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dcae_v.__about__ import __version__
 from dcae_v.checkpoint import _atomic
 from dcae_v.errors import InputError
-from dcae_v.io import VideoWriter, iter_video, pad_to_multiple, probe_video, read_video, to_model_range, to_uint8
+from dcae_v.io import (
+    VideoWriter,
+    check_output_path,
+    iter_video,
+    pad_to_multiple,
+    probe_video,
+    read_video,
+    to_model_range,
+    to_uint8,
+    write_reason,
+)
 from dcae_v.metrics import PSNR_CAP_DB, psnr_per_frame, ssim_per_frame
 from dcae_v.model import DCAEV
 
@@ -161,6 +172,7 @@ def encode_file(
     """Video file -> `latent` tensor in a .safetensors file (unscaled, as `encode` returns it),
     with the facts needed to decode it back (size, frame count, fps, model) as metadata."""
     start = time.time()
+    check_latent_output(dst)
     info = probe_video(src)
     if not _streams(model) or info.frame_count == 1:
         video = read_video(src, max_frames=max_frames).frames
@@ -180,23 +192,39 @@ def encode_file(
         "dcae_v_version": __version__, "source": os.fspath(src),
     }
     latent = z.float().cpu().contiguous()
-    _atomic(Path(dst), lambda tmp: save_file({"latent": latent}, tmp, metadata={"dcae_v": json.dumps(meta)}))
+    try:
+        _atomic(Path(dst), lambda tmp: save_file({"latent": latent}, tmp, metadata={"dcae_v": json.dumps(meta)}))
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"cannot write {os.fspath(dst)!r}: {write_reason(e)}") from e
     return Report(os.fspath(dst), frames, info.height, info.width, info.fps, time.time() - start)
+
+
+def check_latent_output(path: str | os.PathLike) -> None:
+    """Latents are written as safetensors: refuse another suffix (a .pt name would mislead
+    torch.load users) and an unwritable place, before anything is encoded."""
+    if Path(path).suffix.lower() != ".safetensors":
+        raise InputError(
+            f"cannot write {os.fspath(path)!r}: latents are written as safetensors; use a .safetensors path"
+        )
+    check_output_path(path)
 
 
 def read_latent_file(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give the latent .safetensors file written by `dcae-v encode`")
     if not path.is_file():
         raise InputError(f"no latent file at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("dcae_v", "{}"))
-            if "latent" not in f.keys():
-                raise InputError(f"{path} has no 'latent' tensor (keys: {list(f.keys())[:5]}); was it written by `dcae-v encode`?")
+            keys = list(f.keys())
+            if "latent" not in keys:
+                raise InputError(f"{path} has no 'latent' tensor (keys: {keys[:5]}); was it written by `dcae-v encode`?")
             return f.get_tensor("latent"), meta
     except InputError:
         raise
-    except Exception as e:  # safetensors raises its own error type for foreign files
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type for foreign files
         raise InputError(f"cannot read {path} as a latent .safetensors file: {e}") from None
 
 
@@ -217,6 +245,7 @@ def decode_file(
     z, meta = read_latent_file(src)
     model._check_latent(z)  # channel count first: the most specific message
     _check_same_architecture(model, meta.get("model"), src)
+    _warn_other_settings(model, meta.get("model"), src)
     tc, f = model.temporal_compression, model.spatial_compression
     frames = meta.get("frames", z.shape[2] * tc)
     height, width = meta.get("height", z.shape[3] * f), meta.get("width", z.shape[4] * f)
@@ -250,9 +279,24 @@ def _check_same_architecture(model: DCAEV, stored: dict | None, src) -> None:
         )
 
 
+def _warn_other_settings(model: DCAEV, stored: dict | None, src) -> None:
+    """Same architecture but other chunking/scaling still decodes, usually into garbage: say so."""
+    if not stored:
+        return
+    ours = model.config.to_dict()
+    changed = [k for k in ("temporal", "chunk_size", "scaling_factor", "in_channels") if k in stored and stored[k] != ours[k]]
+    if changed:
+        diff = ", ".join(f"{k} {stored[k]} (file) vs {ours[k]} (model)" for k in changed)
+        warnings.warn(
+            f"{src} was encoded by a DC-AE-V with other settings: {diff}; the video may be wrong, "
+            f"decode with the --checkpoint that encoded it",
+            stacklevel=3,
+        )
+
+
 def center_crop_resize(video: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [T, H, W, 3]: resize the shorter side to `size` (antialiased bilinear), centre crop."""
-    t, h, w, _ = video.shape
+    _, h, w, _ = video.shape
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     x = video.permute(0, 3, 1, 2).float()

@@ -151,16 +151,25 @@ class TrainConfig:
 
 
 # ---- building --------------------------------------------------------------------------------
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Defaults <- file (JSON, or YAML when PyYAML is installed) <- overrides, then validated."""
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), *, check: bool = True
+) -> TrainConfig:
+    """Defaults <- file (JSON, or YAML when PyYAML is installed) <- overrides, then validated.
+
+    check=False skips `validate` (names, types and syntax are still checked): for printing a
+    config to edit, whose defaults alone need not make a runnable run.
+    """
     cfg = TrainConfig()
     if path is not None:
         cfg = _merge(cfg, read_config_file(path))
-    return validate(cfg.override(overrides))
+    cfg = cfg.override(overrides)
+    return validate(cfg) if check else cfg
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; give the JSON (or YAML) file itself")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     text = p.read_text()

@@ -419,6 +419,9 @@ class Trainer:
         state, path = found
         self.load_state_dict(state)
         log.info("resumed from %s at step %d", path, self.step)
+        changes = config_changes(state["config"], self.cfg.to_dict())
+        if changes and self.d.main:  # allowed (e.g. optim.max_steps to extend a run), but never silent
+            log.warning("resume: the config differs from the checkpoint's: %s", ", ".join(changes))
         return True
 
     def export(self) -> list[Path]:
@@ -540,6 +543,17 @@ def _assign(dst: torch.Tensor, src: torch.Tensor) -> None:
 
         src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements)
     dst.copy_(src)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'section.field old -> new' for every field that differs (tuples and lists compare equal)."""
+    def norm(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    return [f"{section}.{name} {norm(old_value)!r} -> {norm(new[section][name])!r}"
+            for section, fields in old.items() if isinstance(fields, dict) and section in new
+            for name, old_value in fields.items()
+            if name in new[section] and norm(old_value) != norm(new[section][name])]
 
 
 def load_latest_path(directory: Path) -> Path | None:
