@@ -287,18 +287,18 @@ def check_arguments(args: argparse.Namespace, t2i: bool) -> None:
 def check_save_file(path: str | os.PathLike, t2i: bool) -> None:
     """The output must be writable with a suffix this task writes: video tasks .mp4/.mov/.mkv,
     t2i also .png."""
+    from dcae_v.errors import InputError as AutoencoderInputError
+    from dcae_v.io import check_output_path
+
     target = Path(path)
     allowed = (".png", *VIDEO_SUFFIXES) if t2i else VIDEO_SUFFIXES
-    if target.is_dir():
-        raise InputError(f"cannot write {str(path)!r}: it is a directory; give a file name")
-    if target.suffix.lower() not in allowed:
+    if target.suffix.lower() not in allowed and not target.is_dir():
         hint = "" if t2i else " (.png is for the t2i-14B task)"
         raise InputError(f"cannot write {str(path)!r}: use a {', '.join(allowed)} path{hint}")
-    parent = target.parent
-    if not parent.is_dir():
-        raise InputError(f"cannot write {str(path)!r}: the directory {str(parent)!r} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write {str(path)!r}: the directory {str(parent)!r} is not writable")
+    try:  # a directory target, a missing or unwritable folder (probed by creating a file: holds for root too)
+        check_output_path(path)
+    except AutoencoderInputError as e:
+        raise InputError(str(e)) from None
 
 
 def _device(text: str | None) -> torch.device:
