@@ -157,6 +157,59 @@ def test_triton_weight_tma_matches_reference(triton_conv, monkeypatch, name, mod
                                **TOL[torch.float32])
 
 
+# The TMA path (conv3d_tma.py) in the interpreter: channels multiples of 4 (16-byte fp32 rows), a
+# 4 x 8 pixel tile so that 5 x 7 / 9 x 11 frames leave partial tiles, 16-channel K blocks so that
+# Cin = 20 spans two (the second half past Cin: zeros).
+TMA_PATH_CASES = [
+    ("chunk-context", "chunk_causal", 3, {"t": 4, "ctx": 1, "cin": 8, "cout": 12}),
+    ("chunk-T5-not-multiple", "chunk_causal", 2, {"t": 5, "cin": 4, "cout": 8}),
+    ("chunk-context-longer-than-read", "chunk_causal", 2, {"t": 2, "ctx": 3, "cin": 4, "cout": 4}),
+    ("causal-context-batch2", "causal", 0, {"b": 2, "t": 3, "ctx": 2, "h": 9, "w": 11, "cin": 20, "cout": 36}),
+    ("causal-short-context", "causal", 0, {"t": 3, "ctx": 1, "cin": 4, "cout": 8}),
+    ("non-causal-residual-no-bias", "non_causal", 0, {"t": 3, "cin": 8, "cout": 40, "residual": True, "bias": False}),
+    ("k111", "chunk_causal", 2, {"t": 3, "k": (1, 1, 1), "cin": 20, "cout": 40, "ctx": 1}),
+    ("k133-per-frame", "causal", 0, {"t": 2, "k": (1, 3, 3), "cin": 8, "cout": 4}),
+    ("k311-temporal-only", "chunk_causal", 2, {"t": 5, "k": (3, 1, 1), "ctx": 1, "cin": 4, "cout": 8}),
+    ("one-pixel-frames", "chunk_causal", 2, {"t": 3, "h": 1, "w": 1, "cin": 4, "cout": 4}),
+]
+
+
+@pytest.mark.parametrize("layout", ["ncdhw", "channels-last"])
+@pytest.mark.parametrize("name, mode, chunk, kw", TMA_PATH_CASES, ids=[c[0] for c in TMA_PATH_CASES])
+def test_triton_tma_path_matches_reference(triton_conv, monkeypatch, name, mode, chunk, kw, layout):
+    """Activations and weights by descriptor: borders and forbidden frames read as zero boxes,
+    context frames from the second loop, bias/residual in the epilogue, partial tiles dropped.
+    Channels-last tensors also take the descriptor epilogue (residual load, output store)."""
+    from dcvg_kernels import conv3d
+
+    for key, value in {"A_TMA": True, "W_TMA": True, "BH": 4, "BW": 8, "BLOCK_M": 32}.items():
+        monkeypatch.setitem(conv3d.INTERPRET_CONFIG, key, value)
+    case = make_case(**kw)
+    if layout == "channels-last":
+        case = {n: v.contiguous(memory_format=torch.channels_last_3d) if v is not None and v.dim() == 5 else v
+                for n, v in case.items()}
+        x = case["x"]
+        out = torch.empty((x.shape[0], kw["cout"], *x.shape[2:]), memory_format=torch.channels_last_3d)
+        assert conv3d.ndhwc_descriptors([out], [1, 1, 4, 8, 32]) is not None  # the epilogue path is taken
+    got = run(triton_conv, case, mode, chunk)
+    torch.testing.assert_close(got.double(), reference64(case, mode, chunk), **TOL[torch.float32])
+
+
+def test_tma_path_needs_aligned_channels(triton_conv, monkeypatch):
+    """Cin = 5 fp32 (20-byte rows) cannot have an activation descriptor: no TMA-path config runs
+    there (the forced interpreter config is refused by name)."""
+    from dcvg_kernels import conv3d
+
+    case = make_case(cin=5, cout=8)
+    xl = case["x"].contiguous(memory_format=torch.channels_last_3d)
+    assert conv3d.activation_descriptors(xl, xl, False) is None
+    assert conv3d.activation_descriptors(make_case(cin=8)["x"].contiguous(memory_format=torch.channels_last_3d),
+                                         None, False) is not None
+    monkeypatch.setitem(conv3d.INTERPRET_CONFIG, "A_TMA", True)
+    with pytest.raises(ValueError, match="cannot have descriptors"):
+        run(triton_conv, case, "chunk_causal", 2)
+
+
 def test_weight_descriptor_rules(triton_conv):
     """No descriptor where TMA cannot read the weights: rows of 6 fp32 (24 bytes, not a multiple
     of 16) or a misaligned base; then only pointer configs run (and a forced W_TMA is refused)."""

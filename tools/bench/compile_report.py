@@ -60,6 +60,8 @@ def _int_value(kernel: str, name: str) -> int:
 
 def compile_one(fn, kernel: str, types: dict[str, str], const: dict, num_warps: int, num_stages: int) -> dict:
     names = fn.arg_names
+    # constexpr parameters left out take their defaults, as a launch does
+    const = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **const}
     signature, attrs = {}, {}
     for i, n in enumerate(names):
         if n in const:
@@ -101,10 +103,25 @@ def conv_rows():
         for cfg in configs:
             types = {n: "*bf16" for n in fn.arg_names if n.endswith("_ptr")}
             const = {**fixed, **extra, "FLAT_K": False, "W_TMA": False, **cfg.kwargs}
-            if const["W_TMA"]:  # the weight descriptor is typed by its box
+            if const["W_TMA"]:  # descriptors are typed by their boxes
                 types["w_desc"] = f"tensordesc<bf16[{const['BLOCK_K']},{const['BLOCK_N']}]>"
             else:
                 const["w_desc"] = None
+            if const.get("A_TMA"):  # channels-last output: the descriptor epilogue, as from dcae-v
+                box_k, box_n = ([1, 1, const["BH"], const["BW"], const[c]] for c in ("BLOCK_K", "BLOCK_N"))
+                types.update(x_desc=f"tensordesc<bf16{box_k}>".replace(" ", ""),
+                             out_desc=f"tensordesc<bf16{box_n}>".replace(" ", ""))
+                const.update(ctx_desc=None, res_desc=None, A_TMA_OK=True, W_TMA_OK=True, EPI_TMA=True)
+                name = (f"conv3d {label} bf16 {const['BH']}x{const['BW']}x{const['BLOCK_N']}x{const['BLOCK_K']} "
+                        f"w{cfg.num_warps} s{cfg.num_stages} tma-path")
+                yield name, fn, "conv", types, const, cfg
+                # and with a streaming context and a residual (the decoder's ResBlocks while streaming)
+                const = {k: v for k, v in const.items() if k not in ("ctx_desc", "res_desc")}
+                const.update(HAS_CTX=True, HAS_RES=True)
+                types = {**types, "ctx_desc": types["x_desc"], "res_desc": types["out_desc"]}
+                yield name + " +ctx+res", fn, "conv", types, const, cfg
+                continue
+            const.update({n: None for n in ("x_desc", "ctx_desc") if n in fn.arg_names})
             name = (f"conv3d {label} bf16 {const['BLOCK_M']}x{const['BLOCK_N']}x{const['BLOCK_K']} "
                     f"w{cfg.num_warps} s{cfg.num_stages} {'flat' if const['FLAT_K'] else 'per-tap'}"
                     f"{' w-tma' if const['W_TMA'] else ''}")

@@ -248,18 +248,21 @@ def _attention_check_runs():
 
 def _conv_check_configs(cin, cout, dtype, device="cuda"):
     """(label, {autotuner: configs}) runs for the conv check: the autotuned op, then, where the
-    weights can have descriptors (forward rows of Cout, dgrad rows of Cin), the forward and dgrad
-    W_TMA configs alone, so the TMA weight path is checked whichever configs win."""
+    tensors can have descriptors (rows of Cin and Cout channels), the forward and dgrad W_TMA
+    configs alone and the forward TMA path alone, so each is checked whichever configs win."""
     from dcvg_kernels import conv3d
     from dcvg_kernels import conv3d_backward as bw
 
     runs = [("autotuned", {})]
-    fwd, dgrad = ([c for c in tuned.configs if c.kwargs.get("W_TMA")][:1]
+    fwd, dgrad = ([c for c in tuned.configs if c.kwargs.get("W_TMA") and not c.kwargs.get("A_TMA")][:1]
                   for tuned in (conv3d._conv3d_tuned, bw._dgrad_tuned))
+    tma_path = [c for c in conv3d._conv3d_tuned.configs if c.kwargs.get("A_TMA")][:1]
     rows_ok = all(conv3d.weight_descriptor(torch.empty(16, n, device=device, dtype=dtype)) is not None
                   for n in (cin, cout))
     if fwd and dgrad and rows_ok:
         runs.append(("w-tma", {conv3d._conv3d_tuned: fwd, bw._dgrad_tuned: dgrad}))
+    if tma_path and rows_ok:
+        runs.append(("tma-path", {conv3d._conv3d_tuned: tma_path}))
     return runs
 
 
@@ -378,6 +381,8 @@ def tuned_conv_config() -> str:
     if best is None:
         return ""
     kw = best.kwargs
+    if kw.get("A_TMA"):
+        return f"[{kw['BH']}x{kw['BW']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{best.num_warps} s{best.num_stages} tma-path]"
     loop = "flat" if kw.get("FLAT_K") else "per-tap"
     weights = " w-tma" if kw.get("W_TMA") else ""
     return f"[{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{best.num_warps} s{best.num_stages} {loop}{weights}]"

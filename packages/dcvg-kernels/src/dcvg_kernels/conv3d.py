@@ -24,6 +24,7 @@ try:
 except ImportError:  # triton < 3.4: pointer loads only
     TensorDescriptor = None
 
+from dcvg_kernels.conv3d_tma import conv3d_fwd_tma_body
 from dcvg_kernels.reference import check_conv3d_args, output_memory_format
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -51,7 +52,7 @@ def accumulate_tap(acc, a_rows, row_ok, k0, kk, k_ok, w_ptr, w_desc, w_row0, n_c
 
 @triton.jit
 def _conv3d_fwd(
-    x_ptr, ctx_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, w_desc,
+    x_ptr, ctx_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, w_desc, x_desc, ctx_desc, res_desc, out_desc,
     M, T, H, W, Cin, Cout, CTX_N, CHUNK,
     sxb, sxt, sxh, sxw,  # x strides in elements; channels are contiguous (stride 1)
     scb, sct, sch, scw,  # context strides; channels contiguous
@@ -67,7 +68,35 @@ def _conv3d_fwd(
     BIG_M: tl.constexpr = False,  # M >= 2^31: row indices in int64
     W_TMA_OK: tl.constexpr = False,  # w_desc is a descriptor (the autotuner may pick W_TMA configs)
     W_TMA: tl.constexpr = False,  # weights (B) by TMA descriptor w_desc
+    A_TMA_OK: tl.constexpr = False,  # x_desc (and ctx_desc) are descriptors (A_TMA configs allowed)
+    A_TMA: tl.constexpr = False,  # the TMA path (conv3d_tma.py): activations by x_desc/ctx_desc too
+    BH: tl.constexpr = 1, BW: tl.constexpr = 1,  # A_TMA: the pixel tile (BLOCK_M = BH * BW)
+    EPI_TMA: tl.constexpr = False,  # A_TMA: out (and residual) by res_desc/out_desc (channels-last)
 ):
+    if A_TMA:
+        conv3d_fwd_tma_body(x_desc, ctx_desc, w_desc, bias_ptr, res_ptr, out_ptr, res_desc, out_desc, T, H, W, Cin,
+                            Cout, CTX_N, CHUNK, srb, src, srt, srh, srw, sob, soc, sot, soh, sow, KT, KH, KW, SHIFT,
+                            CHUNKED, HAS_CTX, HAS_BIAS, HAS_RES, UPCAST, PRECISION, BH, BW, BLOCK_N, BLOCK_K, EPI_TMA)
+    else:
+        _pointer_body(x_ptr, ctx_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, w_desc, M, T, H, W, Cin, Cout, CTX_N, CHUNK,
+                      sxb, sxt, sxh, sxw, scb, sct, sch, scw, srb, src, srt, srh, srw, sob, soc, sot, soh, sow,
+                      KT, KH, KW, SHIFT, CHUNKED, HAS_CTX, HAS_BIAS, HAS_RES, UPCAST, PRECISION,
+                      BLOCK_M, BLOCK_N, BLOCK_K, FLAT_K, BIG_M, W_TMA)
+
+
+@triton.jit
+def _pointer_body(
+    x_ptr, ctx_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, w_desc,
+    M, T, H, W, Cin, Cout, CTX_N, CHUNK,
+    sxb, sxt, sxh, sxw, scb, sct, sch, scw, srb, src, srt, srh, srw, sob, soc, sot, soh, sow,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SHIFT: tl.constexpr,
+    CHUNKED: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT_K: tl.constexpr, BIG_M: tl.constexpr,
+    W_TMA: tl.constexpr,
+):
+    """The pointer path: rows are flat output positions, masked loads carry the temporal rule and
+    the spatial borders; weights by pointers or (W_TMA) descriptor."""
     # 1D grid, N tiles fastest: programs sharing an A tile run together, and the M tile count
     # (up to ~3e5 at 720p) stays clear of the 65535 limit of grid axes 1 and 2.
     num_n = tl.cdiv(Cout, BLOCK_N)
@@ -159,7 +188,8 @@ INTERPRET = isinstance(_conv3d_fwd, InterpretedFunction)
 
 # The interpreter cannot benchmark, so it runs one fixed config (small tiles test the masks);
 # tests switch FLAT_K and W_TMA to cover both reduction loops and both weight paths.
-INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT_K": True, "W_TMA": False}
+INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT_K": True, "W_TMA": False, "A_TMA": False,
+                    "BH": 1, "BW": 1}
 
 
 def _set_w_box(nargs):
@@ -173,6 +203,58 @@ def with_weight_tma(configs):
         return configs
     return configs + [triton.Config({**c.kwargs, "W_TMA": True}, num_warps=c.num_warps, num_stages=c.num_stages,
                                     pre_hook=_set_w_box) for c in configs]
+
+
+def _set_tma_boxes(nargs):
+    """pre_hook of the A_TMA configs: weight box [BLOCK_K, BLOCK_N], activation boxes
+    [1, 1, BH, BW, BLOCK_K] (the context's too), output/residual boxes [1, 1, BH, BW, BLOCK_N]."""
+    _set_w_box(nargs)
+    for name, channels in (("x_desc", "BLOCK_K"), ("ctx_desc", "BLOCK_K"), ("res_desc", "BLOCK_N"),
+                           ("out_desc", "BLOCK_N")):
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = [1, 1, nargs["BH"], nargs["BW"], nargs[channels]]
+
+
+def tma_path_config(bh: int, bw: int, block_n: int, block_k: int, num_warps: int, num_stages: int):
+    """A config of the TMA path (conv3d_tma.py): a BH x BW pixel tile of one frame."""
+    return triton.Config({"BLOCK_M": bh * bw, "BLOCK_N": block_n, "BLOCK_K": block_k, "A_TMA": True, "W_TMA": True,
+                          "BH": bh, "BW": bw}, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_tma_boxes)
+
+
+def _prune_forward(configs, nargs, **kwargs):
+    """W_TMA / A_TMA configs only where the launch built those descriptors."""
+    configs = prune_weight_tma(configs, nargs, **kwargs)
+    if kwargs.get("A_TMA_OK", nargs.get("A_TMA_OK")):
+        return configs
+    return [c for c in configs if not c.kwargs.get("A_TMA")]
+
+
+def ndhwc_descriptors(tensors, box):
+    """5D descriptors over the [B, T, H, W, C] memory of channels-last tensors (the TMA path's
+    activations, context, residual and output), or None where a rule fails: Hopper or newer (or
+    the interpreter), channels dense, C·itemsize and every stride a multiple of 16 bytes, a 16-byte
+    aligned base. `box` is the interpreter's; on the GPU the config's pre_hook sets it."""
+    if TensorDescriptor is None:
+        return None
+    if not INTERPRET and (tensors[0].device.type != "cuda" or torch.cuda.get_device_capability(tensors[0].device)[0] < 9):
+        return None
+    descs = []
+    for tensor in tensors:
+        b, c, t, h, w = tensor.shape
+        # a size-1 axis may carry any stride in torch; give it the dense channels-last one
+        dense = (t * h * w * c, 1, h * w * c, w * c, c)
+        st = [d if n == 1 else s for n, s, d in zip(tensor.shape, tensor.stride(), dense)]
+        size = tensor.element_size()
+        if st[1] != 1 or tensor.data_ptr() % 16 or any(v * size % 16 for v in (st[0], st[2], st[3], st[4])):
+            return None
+        descs.append(TensorDescriptor(tensor, [b, t, h, w, c], [st[0], st[2], st[3], st[4], 1], box))
+    return descs
+
+
+def activation_descriptors(xl, ctx, use_context: bool, interpret_box=None):
+    """(x_desc, ctx_desc) for the TMA path (ctx_desc None without a context), or None."""
+    descs = ndhwc_descriptors([xl, ctx] if use_context else [xl], interpret_box or [1, 1, 8, 8, 16])
+    return None if descs is None else (descs[0], descs[1] if use_context else None)
 
 
 def prune_weight_tma(configs, nargs, **kwargs):
@@ -219,11 +301,15 @@ def _configs():
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "FLAT_K": True}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "FLAT_K": True}, num_warps=4, num_stages=4),
     ]
-    return nested + with_weight_tma(k64) + others
+    # The TMA path (conv3d_tma.py): 94-106 registers, no spills on sm_90; untimed.
+    tma_path = [tma_path_config(8, 16, 128, 64, 8, 3), tma_path_config(8, 16, 128, 64, 8, 4),
+                tma_path_config(4, 32, 128, 64, 8, 3), tma_path_config(8, 8, 128, 64, 4, 3)]
+    return nested + with_weight_tma(k64) + others + (tma_path if TensorDescriptor is not None else [])
 
 
-_conv3d_tuned = triton.autotune(configs=_configs(), key=["Cin", "Cout", "KT", "KH", "KW", "W_TMA_OK"],
-                                prune_configs_by={"early_config_prune": prune_weight_tma})(_conv3d_fwd)
+_conv3d_tuned = triton.autotune(configs=_configs(),
+                                key=["Cin", "Cout", "KT", "KH", "KW", "W_TMA_OK", "A_TMA_OK", "EPI_TMA"],
+                                prune_configs_by={"early_config_prune": _prune_forward})(_conv3d_fwd)
 
 
 def conv3d_triton(x, weight, bias, *, mode, chunk=0, context=None, residual=None) -> torch.Tensor:
@@ -258,13 +344,27 @@ def conv3d_triton(x, weight, bias, *, mode, chunk=0, context=None, residual=None
     precision = None  # 16-bit inputs: the dtype decides
     if x.dtype == torch.float32:  # fp32 follows torch's conv policy: tf32 unless disabled
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    grid = lambda meta: (triton.cdiv(out.numel() // cout, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+    def grid(meta):
+        if meta.get("A_TMA"):  # one program per frame tile of BH x BW pixels
+            tiles = b * t * triton.cdiv(h, meta["BH"]) * triton.cdiv(w, meta["BW"])
+        else:
+            tiles = triton.cdiv(out.numel() // cout, meta["BLOCK_M"])
+        return (tiles * triton.cdiv(cout, meta["BLOCK_N"]),)
+
     kernel = _conv3d_fwd[grid] if INTERPRET else _conv3d_tuned[grid]
-    w_desc = weight_descriptor(wk.view(-1, cout), [INTERPRET_CONFIG["BLOCK_K"], INTERPRET_CONFIG["BLOCK_N"]])
-    if INTERPRET and INTERPRET_CONFIG["W_TMA"] and w_desc is None:
-        raise ValueError("INTERPRET_CONFIG asks for W_TMA, but these weights cannot have a descriptor")
+    cfg = INTERPRET_CONFIG
+    w_desc = weight_descriptor(wk.view(-1, cout), [cfg["BLOCK_K"], cfg["BLOCK_N"]])
+    a_descs = activation_descriptors(xl, ctx, plan.use_context, [1, 1, cfg["BH"], cfg["BW"], cfg["BLOCK_K"]])
+    if w_desc is None:
+        a_descs = None  # the TMA path reads both operands by descriptor
+    if INTERPRET and ((cfg["W_TMA"] and w_desc is None) or (cfg["A_TMA"] and a_descs is None)):
+        raise ValueError("INTERPRET_CONFIG asks for a TMA config, but these tensors cannot have descriptors")
+    # the TMA path's epilogue by descriptors where the output (and residual) are channels-last
+    epi = ndhwc_descriptors([out, res] if residual is not None else [out], [1, 1, cfg["BH"], cfg["BW"], cfg["BLOCK_N"]])
+    epi_descs = (epi[1] if residual is not None else None, epi[0]) if epi is not None and a_descs is not None else None
     kernel(
-        xl, ctx, wk, bias if bias is not None else wk, res, out, w_desc,
+        xl, ctx, wk, bias if bias is not None else wk, res, out, w_desc, *(a_descs or (None, None)),
+        *(epi_descs or (None, None)),
         b * t * h * w, t, h, w, cin, cout, ctx.shape[2] if plan.use_context else 0, max(plan.chunk, 1),
         sx[0], sx[2], sx[3], sx[4],
         sc[0], sc[2], sc[3], sc[4],
@@ -273,6 +373,7 @@ def conv3d_triton(x, weight, bias, *, mode, chunk=0, context=None, residual=None
         KT=kt, KH=kh, KW=kw, SHIFT=plan.shift,
         CHUNKED=plan.chunk > 0, HAS_CTX=plan.use_context, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, UPCAST=INTERPRET, PRECISION=precision, BIG_M=b * t * h * w >= 2**31,
-        W_TMA_OK=w_desc is not None, **(INTERPRET_CONFIG if INTERPRET else {}),
+        W_TMA_OK=w_desc is not None, A_TMA_OK=a_descs is not None, EPI_TMA=epi_descs is not None,
+        **(INTERPRET_CONFIG if INTERPRET else {}),
     )
     return out
