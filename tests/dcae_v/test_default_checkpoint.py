@@ -29,7 +29,13 @@ def test_default_checkpoint_is_small_and_f32t4_chunk_causal():
     cfg = model.config
     assert (cfg.spatial_compression, cfg.temporal_compression, cfg.temporal) == (32, 4, "chunk_causal")
     assert 0 < model.scaling_factor < 10
-    assert model.dtype == torch.float16  # stored in fp16; callers choose the compute dtype
+    # stored in fp16 (half the file), loaded in fp32: in fp16 its activations overflow and the
+    # decoded video is NaN, which is what `from_pretrained()` used to hand a new user on the CPU
+    assert model.dtype == torch.float32
+    x = torch.rand(1, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        assert torch.isfinite(model.decode(model.encode(x))).all()
+    assert DCAEV.from_pretrained(dtype=torch.float16).dtype == torch.float16  # on request
 
 
 @torch.no_grad()
@@ -46,3 +52,11 @@ def test_default_checkpoint_beats_block_averaging_on_held_out_clips():
         blocks = F.interpolate(F.avg_pool3d(x, (4, 32, 32)), scale_factor=(4, 32, 32), mode="trilinear")
         baseline.append(psnr(clip, to_uint8(blocks)))
     assert sum(ours) / 3 > sum(baseline) / 3 + 1.0, (ours, baseline)
+
+
+def test_tiny_preset_is_the_shipped_default():
+    """The preset named after the shipped checkpoint has its architecture and runtime fields, so a
+    weights-only copy of it (e.g. NVIDIA's .pt layout) loads with chunks of 8 and its scaling."""
+    from dcae_v.config import get_preset
+
+    assert get_preset("tiny-f32t4c64") == DCAEV.from_pretrained().config

@@ -240,3 +240,18 @@ def test_read_wan_config_equals_the_loaded_models_config(tmp_path, model, form):
         path = tmp_path / "m.pth"
         torch.save(model.state_dict(), path)
     assert ckpt.read_wan_config(path) == WanModel.from_pretrained(path).config
+
+
+def test_diffusers_folder_keeps_fields_its_config_json_cannot_carry(tmp_path, model):
+    """diffusers' config.json has no text_len; our save keeps the whole config in the weights'
+    metadata, so a text_len=16 model comes back with 16 (and the same outputs), not 512."""
+    from tests.dcvg_wan.conftest import make_inputs
+
+    assert model.config.text_len != 512
+    model.save_pretrained(tmp_path / "d", layout="diffusers")
+    assert "text_len" not in json.loads((tmp_path / "d" / "config.json").read_text())
+    back = WanModel.from_pretrained(tmp_path / "d")
+    assert back.config == model.config
+    inputs = make_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs), model(**inputs), rtol=0, atol=0)

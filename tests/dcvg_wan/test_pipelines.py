@@ -207,3 +207,12 @@ def test_official_tasks_we_do_not_run_say_so(tmp_path, capsys, task):
     assert main(["generate", "--task", task, "--ckpt_dir", str(tmp_path)]) == 3
     err = capsys.readouterr().err
     assert f"--task {task}" in err and "not implemented here" in err and "t2i-14B" in err
+
+
+def test_from_pretrained_without_a_folder_says_how_to_get_the_demo():
+    """ckpt_dir=None (the signature allows it for paths=) used to end in a TypeError from Path(None)."""
+    from dcvg_wan.errors import CheckpointError
+    from dcvg_wan.pipelines import T2VPipeline
+
+    with pytest.raises(CheckpointError, match="embedded_default"):
+        T2VPipeline.from_pretrained(None)

@@ -51,7 +51,9 @@ def load_dcaev(
     path: None for the embedded default; a `.pt`/`.pth`, a `.safetensors` file, or a directory.
     preset: architecture to expect (e.g. "f32t4c32"); by default taken from config.json or
         inferred from the weights.
-    dtype: cast after loading (default: as stored, e.g. bf16 for NVIDIA's file).
+    dtype: cast after loading (default: as stored, e.g. bf16 for NVIDIA's file; fp16 weights, like
+        the embedded default's, load as fp32: DC-AE-V's activations overflow fp16's range, so an
+        fp16 model decodes to NaN; pass dtype=torch.float16 to keep it anyway).
     overrides: runtime config fields (`temporal`, `chunk_size`, `scaling_factor`).
     """
     path = Path(path) if path is not None else _default_checkpoint()
@@ -68,6 +70,8 @@ def load_dcaev(
         model = DCAEV(config)
     check_state_dict(model, state_dict, layout=layout, path=path, preset=preset)
     model.load_state_dict(state_dict, assign=True, strict=True)
+    if dtype is None and any(v.dtype == torch.float16 for v in state_dict.values()):
+        dtype = torch.float32  # stored in fp16 to halve the file; fp16 arithmetic overflows here
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()
 

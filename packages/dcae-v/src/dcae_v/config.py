@@ -137,8 +137,11 @@ PRESETS: dict[str, DCAEVConfig] = {
     ),
     # Same code at toy size, for tests and for the embedded default's architecture.
     "debug": DCAEVConfig(latent_channels=8, widths=(16, 16, 16, 32, 32, 64, 64), depths=(0, 1, 1, 1, 1, 1, 1)),
+    # with the shipped default's runtime fields (chunks of 8 frames, its measured scaling factor),
+    # so that a weights-only copy of it loads as it was saved
     "tiny-f32t4c64": DCAEVConfig(
-        latent_channels=64, widths=(16, 16, 32, 64, 64, 128, 128), depths=(0, 1, 1, 1, 1, 1, 1)
+        latent_channels=64, widths=(16, 16, 32, 64, 64, 128, 128), depths=(0, 1, 1, 1, 1, 1, 1), chunk_size=8,
+        scaling_factor=0.001269,
     ),
 }
 

@@ -97,7 +97,13 @@ def _locate(path: Path) -> tuple[list[Path], dict[str, Any] | None]:
     if path.is_dir():
         files = _directory_files(path)
         config_file = path / CONFIG_NAME
-        return files, read_config(config_file) if config_file.is_file() else None
+        fields = read_config(config_file) if config_file.is_file() else None
+        if fields is not None and len(files) == 1 and files[0].suffix == ".safetensors":
+            # our own save keeps the whole config in the weights' metadata: it supplies what a
+            # diffusers config.json has no field for (text_len); config.json wins where it speaks
+            stored = _metadata_config(files[0]) or {}
+            fields = {**{k: v for k, v in stored.items() if k not in fields}, **fields}
+        return files, fields
     if path.suffix == ".safetensors":
         sibling = path.parent / CONFIG_NAME
         fields = read_config(sibling) if path.name == WEIGHTS_NAME and sibling.is_file() else _metadata_config(path)

@@ -170,6 +170,12 @@ class WanPipeline:
         from dcvg_wan.text_encoder import TextEncoder
         from dcvg_wan.vae import WanVAE
 
+        if ckpt_dir is None and paths is None:
+            raise CheckpointError(
+                "from_pretrained needs ckpt_dir (a Wan-2.1 or DC-VideoGen folder) or paths=; the embedded demo "
+                "model runs with `dcvg-wan generate` (no --ckpt_dir), or in Python: paths, defaults = "
+                "dcvg_wan.generate.embedded_default(); T2VPipeline.from_pretrained(None, paths=paths, ae='dcae-v', "
+                "dtype=torch.float32), then pass defaults' size, frame_num, steps and shift to the call")
         paths = paths or locate_components(ckpt_dir, i2v=cls.i2v, ae=ae, dcae=dcae_ckpt)
         say = log or (lambda _msg: None)
         say(f"loading components:\n{paths.describe()}")
