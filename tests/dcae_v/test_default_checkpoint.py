@@ -4,6 +4,7 @@ reconstructs held-out clips better than non-learned compression to a coarser gri
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -60,3 +61,16 @@ def test_tiny_preset_is_the_shipped_default():
     from dcae_v.config import get_preset
 
     assert get_preset("tiny-f32t4c64") == DCAEV.from_pretrained().config
+
+
+def test_dtype_by_name_and_diffusers_torch_dtype():
+    """diffusers users write torch_dtype=, and names are common in configs: both are accepted;
+    anything else is one clear error, not a TypeError from Module.to."""
+    from dcae_v.errors import InputError
+
+    assert DCAEV.from_pretrained(torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert DCAEV.from_pretrained(dtype="float16").dtype == torch.float16
+    assert DCAEV.from_pretrained(dtype="bf16", torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    for bad in ({"dtype": "int8"}, {"dtype": torch.float32, "torch_dtype": torch.float16}):
+        with pytest.raises(InputError):
+            DCAEV.from_pretrained(**bad)

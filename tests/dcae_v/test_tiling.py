@@ -82,6 +82,8 @@ def test_spatial_tiles_shape_and_closeness():
     assert yt.shape == y.shape and torch.isfinite(yt).all()
     with pytest.raises(InputError, match="multiple of 32"):
         model.decode(z, tile_size=48)
+    with pytest.raises(InputError, match="positive multiple of 32, got 0"):  # not "a multiple of 1" of latents
+        model.decode(z, tile_size=0)
 
 
 @torch.no_grad()

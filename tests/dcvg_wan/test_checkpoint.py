@@ -255,3 +255,13 @@ def test_diffusers_folder_keeps_fields_its_config_json_cannot_carry(tmp_path, mo
     inputs = make_inputs(model)
     with torch.no_grad():
         torch.testing.assert_close(back(**inputs), model(**inputs), rtol=0, atol=0)
+
+
+def test_wan_model_takes_torch_dtype_and_dtype_names(tmp_path, model):
+    model.save_pretrained(tmp_path / "m")
+    assert WanModel.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16).blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    assert WanModel.from_pretrained(tmp_path / "m", dtype="bfloat16").blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    from dcvg_wan.errors import InputError
+
+    with pytest.raises(InputError, match="is not one of"):
+        WanModel.from_pretrained(tmp_path / "m", dtype="int8")

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from dcae_v.__about__ import __version__
 from dcae_v.config import PRESETS, DCAEVConfig, get_preset
-from dcae_v.errors import CheckpointError
+from dcae_v.errors import CheckpointError, InputError
 from dcae_v.model import DCAEV
 
 CONFIG_NAME = "config.json"
@@ -42,8 +42,9 @@ def load_dcaev(
     path: str | os.PathLike | None = None,
     *,
     preset: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype | str | None = None,
     **overrides: Any,
 ) -> DCAEV:
     """Load a DC-AE-V checkpoint (see module docstring for the layouts).
@@ -54,8 +55,10 @@ def load_dcaev(
     dtype: cast after loading (default: as stored, e.g. bf16 for NVIDIA's file; fp16 weights, like
         the embedded default's, load as fp32: DC-AE-V's activations overflow fp16's range, so an
         fp16 model decodes to NaN; pass dtype=torch.float16 to keep it anyway).
+    torch_dtype: diffusers' name for `dtype` (either may be a torch.dtype or its name, "bfloat16"/"bf16").
     overrides: runtime config fields (`temporal`, `chunk_size`, `scaling_factor`).
     """
+    dtype = as_torch_dtype(dtype, torch_dtype)
     path = Path(path) if path is not None else _default_checkpoint()
     bad = set(overrides) - set(_RUNTIME_FIELDS)
     if bad:
@@ -74,6 +77,26 @@ def load_dcaev(
         dtype = torch.float32  # stored in fp16 to halve the file; fp16 arithmetic overflows here
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()
+
+
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def as_torch_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None = None) -> torch.dtype | None:
+    """`dtype` or diffusers' `torch_dtype` (not both), as a torch.dtype; names are accepted."""
+    dtype, torch_dtype = _one_dtype(dtype), _one_dtype(torch_dtype)
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise InputError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
+    return dtype if dtype is not None else torch_dtype
+
+
+def _one_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.lower().removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[value.lower().removeprefix("torch.")]
+    raise InputError(f"dtype {value!r} is not one of torch.float32, torch.float16, torch.bfloat16 (or their names)")
 
 
 def _default_checkpoint() -> Path:

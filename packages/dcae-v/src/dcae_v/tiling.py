@@ -33,8 +33,8 @@ def decode(model: DCAEV, z: torch.Tensor, frames_per_tile: int | None, tile_size
     tc = model.temporal_compression
     step = _temporal_step(model, z.shape[2] * tc, frames_per_tile) // tc
     f = model.spatial_compression
-    if tile_size is not None and tile_size % f:
-        raise InputError(f"decode tile_size is in output pixels and must be a multiple of {f}, got {tile_size}")
+    if tile_size is not None and (tile_size <= 0 or tile_size % f):
+        raise InputError(f"decode tile_size is in output pixels and must be a positive multiple of {f}, got {tile_size}")
     tiler = _SpatialTiler(model.decoder, None if tile_size is None else tile_size // f, 1, f, stream=step < z.shape[2])
     return torch.cat([tiler(piece) for piece in z.split(step, dim=2)], dim=2)
 
@@ -57,8 +57,8 @@ def decode_stream(
     tc = model.temporal_compression
     step = _temporal_step(model, None, frames_per_tile or model.config.chunk_size) // tc
     f = model.spatial_compression
-    if tile_size is not None and tile_size % f:
-        raise InputError(f"decode tile_size is in output pixels and must be a multiple of {f}, got {tile_size}")
+    if tile_size is not None and (tile_size <= 0 or tile_size % f):
+        raise InputError(f"decode tile_size is in output pixels and must be a positive multiple of {f}, got {tile_size}")
     tiler = _SpatialTiler(model.decoder, None if tile_size is None else tile_size // f, 1, f, stream=True)
     for block in _rebatch(latents, step, 1, "latent frames"):
         yield tiler(block)

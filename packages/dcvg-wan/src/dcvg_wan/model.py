@@ -225,13 +225,22 @@ class WanModel(nn.Module):
         path: str | os.PathLike,
         *,
         preset: str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device = "cpu",
+        torch_dtype: torch.dtype | str | None = None,
     ) -> WanModel:
         """Load an official/diffusers directory or a single official/ComfyUI file (layout detected;
-        see `dcvg_wan.checkpoint.load_wan`)."""
+        see `dcvg_wan.checkpoint.load_wan`). `torch_dtype` is diffusers' name for `dtype`; dtype
+        names ("bfloat16", "bf16") are accepted."""
+        from dcae_v.checkpoint import as_torch_dtype
+        from dcae_v.errors import InputError as AutoencoderInputError
         from dcvg_wan.checkpoint import load_wan
+        from dcvg_wan.errors import InputError
 
+        try:
+            dtype = as_torch_dtype(dtype, torch_dtype)
+        except AutoencoderInputError as e:
+            raise InputError(str(e)) from None
         return load_wan(path, preset=preset, dtype=dtype, device=device)
 
     def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
