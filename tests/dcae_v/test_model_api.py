@@ -169,3 +169,12 @@ def test_wrong_latent_channels_name_the_presets():
     big = DCAEV.from_preset("f32t4c64", device="meta")
     with pytest.raises(dcae_v.InputError, match=r"latent has 32 channels but this f32t4c64 model decodes 64"):
         big.decode(torch.zeros(1, 32, 1, 1, 1, device="meta"))
+
+
+def test_reconstruct_names_the_shape_it_was_given():
+    """A channels-last tensor by mistake: the error shows the caller's shape, not the padded one."""
+    from dcae_v import InputError
+
+    model = DCAEV.from_preset("debug")
+    with pytest.raises(InputError, match=r"got shape \(1, 8, 64, 64, 3\)"):
+        model.reconstruct(torch.rand(1, 8, 64, 64, 3))

@@ -265,3 +265,10 @@ def test_wan_model_takes_torch_dtype_and_dtype_names(tmp_path, model):
 
     with pytest.raises(InputError, match="is not one of"):
         WanModel.from_pretrained(tmp_path / "m", dtype="int8")
+
+
+def test_save_pretrained_comfy_points_to_the_single_file_writer(tmp_path, model):
+    from dcvg_wan.errors import InputError
+
+    with pytest.raises(InputError, match="save_single_file"):
+        model.save_pretrained(tmp_path / "c", layout="comfy")

@@ -191,7 +191,7 @@ class DCAEV(nn.Module):
         from dcae_v.io import crop_like, pad_to_multiple
 
         _check_tensor(x, f"a video tensor [B, {self.config.in_channels}, T, H, W]")
-        if x.ndim != 5 or 0 in x.shape:
+        if x.ndim != 5 or 0 in x.shape or x.shape[1] != self.config.in_channels:  # before padding: name the input's shape
             raise InputError(f"expected a non-empty video tensor [B, {self.config.in_channels}, T, H, W], got shape {tuple(x.shape)}")
         padded = pad_to_multiple(x, self.pad_multiples(x.shape[2]), self.spatial_compression)
         z = self.encode(padded, frames_per_tile, tile_size)

@@ -36,7 +36,7 @@ from dcvg_wan.config_json import (
     official_config_json,
     read_config,
 )
-from dcvg_wan.errors import CheckpointError
+from dcvg_wan.errors import CheckpointError, InputError
 from dcvg_wan.layouts import detect_layout, from_official, to_official
 from dcvg_wan.model import WanModel, keeps_fp32
 
@@ -302,7 +302,9 @@ def save_pretrained(
     the previous pair intact. The weights file also carries our config in its metadata.
     """
     if layout not in ("official", "diffusers"):
-        raise ValueError(f"save_pretrained writes the 'official' or 'diffusers' layout, got {layout!r}")
+        hint = "; ComfyUI's layout is one file: dcvg_wan.checkpoint.save_single_file(model, 'x.safetensors')"
+        raise InputError(f"save_pretrained writes the 'official' or 'diffusers' layout, got {layout!r}"
+                         f"{hint if layout == 'comfy' else ''}")
     directory = Path(directory)
     if (directory / INDEX_NAME).exists():
         raise CheckpointError(f"{directory} holds a sharded checkpoint ({INDEX_NAME}); save into another directory")
