@@ -8,7 +8,17 @@ import dataclasses
 import pytest
 import torch
 
-from ae_adapt import ShapeError, align_embedder, align_head, get_preset, lora_finetune, run_all
+from ae_adapt import (
+    AdaptError,
+    ProtocolError,
+    ShapeError,
+    align_embedder,
+    align_head,
+    get_preset,
+    lora_finetune,
+    run_all,
+)
+from ae_adapt.example_dit import LORA_TARGETS
 from ae_adapt.flow import diffusion_loss
 from ae_adapt.lora_io import lora_layers
 from ae_adapt.stages import PRESETS, EmbedderAlignTask, pool_tokens
@@ -183,3 +193,32 @@ def test_run_all_runs_every_stage_and_resumes_as_a_no_op(base_dit, pairs, tmp_pa
     t = torch.tensor([0.3, 0.7])
     with torch.no_grad():
         torch.testing.assert_close(again(x, t, ctx), model(x, t, ctx), rtol=0, atol=0)
+
+
+def test_run_all_checks_the_lora_targets_before_training_anything(base_dit, pairs, tmp_path):
+    model = copy.deepcopy(base_dit)
+    model.lora_target_modules = None  # a model without the hook, and a preset without lora_targets
+    with pytest.raises(ProtocolError, match="has no lora_target_modules"):
+        run_all(model, pairs[:8], get_preset("debug"), tmp_path / "a", in_channels=8, out_channels=8, patch=(1, 1, 1))
+    with pytest.raises(AdaptError, match="match no layer"):
+        run_all(
+            copy.deepcopy(base_dit),
+            pairs[:8],
+            get_preset("debug", lora_targets=("to_q",)),
+            tmp_path / "b",
+            in_channels=8,
+            out_channels=8,
+            patch=(1, 1, 1),
+        )
+    assert not list(tmp_path.iterdir()), "a stage ran before the LoRA targets were checked"
+
+
+def test_run_all_with_example_dit_uses_its_own_lora_targets(base_dit, pairs, tmp_path):
+    model = copy.deepcopy(base_dit)
+    preset = get_preset("debug")
+    assert preset.lora_targets is None
+    assert run_all(
+        model, pairs[:8], preset, tmp_path, in_channels=8, out_channels=8, patch=(1, 1, 1), resolution_data=[pairs[8:16]]
+    )
+    assert (tmp_path / "3-lora" / "done.json").is_file() and (tmp_path / "4-debug-up" / "done.json").is_file()
+    assert set(lora_layers(model)) == {f"blocks.{i}.{t}" for i in range(len(model.blocks)) for t in LORA_TARGETS}

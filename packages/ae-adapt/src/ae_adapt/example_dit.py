@@ -48,6 +48,11 @@ def _check_patch(patch: Sequence[int]) -> tuple[int, int, int]:
     return patch
 
 
+# Linear layers LoRA adapts by default, as in the Wan binding: every attention projection (self and
+# cross) and the MLP of each block; not the adaLN modulation or the time/text embedders.
+# ("proj" also names the patch embedder's Linear; `lora_io.add_lora` never adapts the embedder.)
+LORA_TARGETS = ("qkv", "proj", "cross_q", "cross_kv", "cross_proj", "fc1", "fc2")
+
 PRESETS = {"tiny": ExampleDiTConfig(dim=48, depth=2, num_heads=4, in_channels=4, out_channels=4, text_dim=16)}
 
 
@@ -190,6 +195,10 @@ class ExampleDiT(nn.Module):
         return sigma
 
     # ---- optional hooks ---------------------------------------------------------------------
+    def lora_target_modules(self) -> tuple[str, ...]:
+        """Suffixes of the Linear layers LoRA adapts when the preset names none (`LORA_TARGETS`)."""
+        return LORA_TARGETS
+
     def enable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = True
 

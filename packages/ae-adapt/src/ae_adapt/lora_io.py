@@ -10,6 +10,7 @@ saved next to the adapter (`embedder.safetensors`, `head.safetensors`), not LoRA
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from torch import nn
 from ae_adapt.errors import AdaptError, ProtocolError
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # where PeftModel puts the wrapped model's parameter names
 EXPORT_FORMATS = ("kohya", "comfy")
 
 
@@ -40,16 +42,34 @@ def resolve_targets(model: nn.Module, target_modules: Sequence[str] | None) -> t
     return tuple(hook())
 
 
-def add_lora(
-    model: nn.Module, *, rank: int, alpha: float, target_modules: Sequence[str], dropout: float = 0.0
-) -> nn.Module:
-    """Inject peft LoRA layers in place (B = 0: the model's output is unchanged). The patch
-    embedder and output head never get one: they are trained in full."""
+def _excluded(model: nn.Module) -> list[str]:
+    """Names of the patch embedder's and output head's modules: trained in full, never a LoRA."""
     exclude = []
     for getter in ("get_patch_embedder", "get_output_head"):
         if callable(getattr(model, getter, None)):
             part = getattr(model, getter)()
             exclude += [name for name, m in model.named_modules() if any(m is s for s in part.modules())]
+    return exclude
+
+
+def check_targets(model: nn.Module, target_modules: Sequence[str] | None) -> tuple[str, ...]:
+    """`resolve_targets`, and fail as `add_lora` would if they match no layer outside the embedder
+    and head. Without touching the model, so that a multi-stage run can check before training
+    (peft's rule: a target matches a module named `target` or ending in `.target`)."""
+    targets = resolve_targets(model, target_modules)
+    exclude = set(_excluded(model))
+    names = [name for name, _ in model.named_modules() if name and name not in exclude]
+    if not any(name == t or name.endswith(f".{t}") for name in names for t in targets):
+        raise AdaptError(f"LoRA targets {list(targets)} match no layer of {type(model).__name__}")
+    return targets
+
+
+def add_lora(
+    model: nn.Module, *, rank: int, alpha: float, target_modules: Sequence[str], dropout: float = 0.0
+) -> nn.Module:
+    """Inject peft LoRA layers in place (B = 0: the model's output is unchanged). The patch
+    embedder and output head never get one: they are trained in full."""
+    exclude = _excluded(model)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -96,37 +116,67 @@ def _gathered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _base_model_class(model: nn.Module) -> type:
+    """The model's own class, not the subclass FSDP2's `fully_shard` swaps in."""
+    fsdp_module = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
+    return next(c for c in type(model).__mro__ if fsdp_module is None or not issubclass(c, fsdp_module))
+
+
 def save_lora(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """peft format (`adapter_config.json`, `adapter_model.safetensors`) + the new embedder/head.
+    """What peft's `PeftModel.save_pretrained` writes (so `PeftModel.from_pretrained` loads it:
+    keys under `base_model.model.`, `inference_mode` true, `auto_mapping` naming the model class),
+    plus the new embedder/head as full weights (`embedder.safetensors`, `head.safetensors`: load
+    them into the model before `PeftModel.from_pretrained`; `load_lora` does both).
     Under torchrun call it on every rank (sharded weights are gathered); rank 0 writes."""
     from ae_adapt.trainer import world
 
     out = Path(directory)
-    config = _peft_config(model)
-    files = {ADAPTER_WEIGHTS: _gathered(get_peft_model_state_dict(model))}
+    config = copy.deepcopy(_peft_config(model))
+    # as peft does: the model's `name_or_path` if it has one; task_type stays None (peft's task
+    # types are transformers heads), which makes peft record the class in auto_mapping instead
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None
+    config.inference_mode = True
+    adapter = _gathered(get_peft_model_state_dict(model))
+    files = {ADAPTER_WEIGHTS: {PEFT_PREFIX + k: v for k, v in adapter.items()}}
     if callable(getattr(model, "get_patch_embedder", None)):
         files["embedder.safetensors"] = _gathered(model.get_patch_embedder().state_dict())
         files["head.safetensors"] = _gathered(model.get_output_head().state_dict())
     if world()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
         for name, state in files.items():
-            save_file(state, str(out / name))
-        (out / ADAPTER_CONFIG).write_text(json.dumps(config.to_dict(), indent=2, default=list))
+            save_file(state, str(out / name), metadata={"format": "pt"})
+        cls = _base_model_class(model)
+        auto_mapping = None if config.task_type else {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+        config.save_pretrained(str(out), auto_mapping_dict=auto_mapping)
     return out
+
+
+def _adapter_weights(src: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under the model's own names: files from peft's `save_pretrained` (and
+    from `save_lora`) put them under `base_model.model.`, the first `save_lora` did not."""
+    return {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(src / ADAPTER_WEIGHTS)).items()}
 
 
 def load_lora(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Add the saved adapter to `model` (whose embedder/head already have the new shapes) and load
-    the adapter, embedder and head weights."""
+    the adapter, embedder and head weights. Reads peft's layout and the older one without the
+    `base_model.model.` prefix."""
     src = Path(directory)
     if not (src / ADAPTER_CONFIG).is_file():
         raise AdaptError(f"{src} is not a saved adapter: {ADAPTER_CONFIG} is missing")
     config = LoraConfig.from_pretrained(str(src))
+    # peft saves inference_mode=True, which would freeze the injected LoRA: keep it trainable as
+    # before (a later stage trains it further)
+    config.inference_mode = False
     if not has_lora(model):
         inject_adapter_in_model(config, model)
-    result = set_peft_model_state_dict(model, load_file(str(src / ADAPTER_WEIGHTS)))
+    result = set_peft_model_state_dict(model, _adapter_weights(src))
     if getattr(result, "unexpected_keys", None):
         raise AdaptError(f"adapter keys not in the model: {result.unexpected_keys[:5]}")
+    missing = [k for k in getattr(result, "missing_keys", ()) if ".lora_A." in k or ".lora_B." in k]
+    if missing:
+        raise AdaptError(f"{src / ADAPTER_WEIGHTS} lacks LoRA weights of the model, e.g. {missing[:5]}")
     for name, getter in (("embedder", "get_patch_embedder"), ("head", "get_output_head")):
         if (src / f"{name}.safetensors").is_file() and callable(getattr(model, getter, None)):
             getattr(model, getter)().load_state_dict(load_file(str(src / f"{name}.safetensors")))
@@ -190,7 +240,7 @@ def convert_peft_adapter(
     config = json.loads((src / ADAPTER_CONFIG).read_text())
     if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_rslora"):
         raise AdaptError(f"{src}: per-layer rank/alpha patterns and rsLoRA are not supported by the export")
-    weights = load_file(str(src / ADAPTER_WEIGHTS))
+    weights = _adapter_weights(src)
     out = {}
     for key in sorted(k for k in weights if k.endswith(".lora_A.weight")):
         name = key[: -len(".lora_A.weight")]

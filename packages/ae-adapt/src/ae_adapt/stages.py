@@ -286,12 +286,16 @@ def run_all(
     files, an unfinished one resumes from its checkpoint. Under torchrun (world size > 1) a model
     can be sharded once per process, so this trains one stage and returns: launch the same
     command again for the next. Returns True when every stage has finished."""
+    from ae_adapt import lora_io
+
     out, distributed = Path(out_dir), world()[1] > 1
     d1, d2, d3 = out / "1-align-embedder", out / "2-align-head", out / "3-lora"
+    # the LoRA stage comes after hours of stages 1 and 2: a model without targets fails now
+    targets = lora_io.check_targets(check_adaptable(model), preset.lora_targets)
     lora = {
         "rank": preset.lora_rank,
         "alpha": preset.lora_alpha,
-        "target_modules": preset.lora_targets,
+        "target_modules": targets,
         "shift": preset.flow_shift,
         "fingerprint": fingerprint,
     }
