@@ -21,7 +21,7 @@ def test_presets_prints_table8(capsys):
 
 
 def test_unknown_preset_is_exit_code_2(capsys):
-    assert main(["presets", "nope"]) == 2
+    assert main(["presets", "nope"]) == 3
     assert "valid presets" in capsys.readouterr().err
 
 
@@ -37,7 +37,7 @@ def test_cache_info(clip_world, tmp_path, capsys):
     )
     assert main(["cache-info", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out)["shapes"]["new"] == [8, 2, 4, 4]
-    assert main(["cache-info", str(tmp_path / "none")]) == 2
+    assert main(["cache-info", str(tmp_path / "none")]) == 3
 
 
 def test_export_lora_command(tmp_path):
@@ -67,7 +67,7 @@ def test_export_lora_unwritable_output_is_one_line(tmp_path, capsys, where, mess
     (tmp_path / "afile").write_text("x")
     out = {"missing dir": tmp_path / "nodir" / "l.safetensors", "under a file": tmp_path / "afile" / "l.safetensors",
            "a directory": tmp_path, "proc": "/proc/l.safetensors"}[where]
-    assert main(["export-lora", str(adapter), "-o", str(out)]) == 2
+    assert main(["export-lora", str(adapter), "-o", str(out)]) == 3
     err = capsys.readouterr().err
     assert err.startswith(f"ae-adapt: error: cannot write '{out}'") and message.format(d=tmp_path) in err
     assert len(err.strip().splitlines()) == 1
@@ -80,7 +80,7 @@ def test_export_lora_write_failure_is_an_output_error(tmp_path, capsys, monkeypa
         raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
     monkeypatch.setattr(safetensors.torch, "save_file", fail)
-    assert main(["export-lora", str(_adapter(tmp_path)), "-o", str(tmp_path / "l.safetensors")]) == 2
+    assert main(["export-lora", str(_adapter(tmp_path)), "-o", str(tmp_path / "l.safetensors")]) == 3
     assert "cannot write" in capsys.readouterr().err
 
 
@@ -90,3 +90,17 @@ def test_unknown_preset_is_a_typed_value_error():
     with pytest.raises(PresetError, match="valid presets: wan-1.3B, wan-14B, debug") as e:
         get_preset("nope")
     assert isinstance(e.value, AdaptError) and isinstance(e.value, ValueError)
+
+
+def test_closed_stdout_pipe_exits_quietly(capsys, monkeypatch):
+    """`ae-adapt presets | head`: the reader left; exit 141 (as a shell reports SIGPIPE), no traceback."""
+    import io
+    import sys
+
+    class ClosedPipe(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["presets"]) == 141
+    assert "Traceback" not in capsys.readouterr().err

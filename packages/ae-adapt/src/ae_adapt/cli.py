@@ -1,5 +1,8 @@
 """`ae-adapt`: inspect presets and caches, convert adapters. Training runs through a model
-binding (e.g. `dcvg-wan adapt`) or the library (`ae_adapt.run_all`), since it needs a model."""
+binding (e.g. `dcvg-wan adapt`) or the library (`ae_adapt.run_all`), since it needs a model.
+
+Exit codes as dcae-v's and dcvg-wan's: 0 ok, 2 usage (argparse), 3 bad input, 141 output pipe
+closed (`ae-adapt presets | head`)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ import tempfile
 
 from ae_adapt.__about__ import __version__
 from ae_adapt.errors import AdaptError, OutputError
+
+EXIT_INPUT = 3  # 2 is argparse's usage error, as in dcae-v and dcvg-wan
+EXIT_BROKEN_PIPE = 141
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -93,10 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's final flush
+        return code
     except (AdaptError, ValueError) as err:
         print(f"ae-adapt: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except BrokenPipeError:  # the reader closed the pipe: nothing left to say, and no traceback
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a real file (e.g. captured)
+            pass
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":
