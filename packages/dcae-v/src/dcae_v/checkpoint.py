@@ -342,7 +342,8 @@ def describe_checkpoint(path: str | os.PathLike | None = None) -> dict[str, Any]
 # ---- writing -------------------------------------------------------------------------------
 def save_pretrained(model: DCAEV, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
     """config.json + model.safetensors: both are written to temp names first, then renamed, so an
-    interrupted save leaves the previous pair intact."""
+    interruption while writing leaves the previous pair intact (the two renames at the end are
+    separate steps; the weights also carry the config in their metadata)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}

@@ -298,8 +298,9 @@ def save_pretrained(
 ) -> None:
     """Write config.json (official or diffusers dialect) + diffusion_pytorch_model.safetensors.
 
-    Both files go to temp names first and are renamed at the end, so an interrupted save leaves
-    the previous pair intact. The weights file also carries our config in its metadata.
+    Both files go to temp names first and are renamed at the end, so an interruption while writing
+    leaves the previous pair intact (the two renames are separate steps). The weights file also
+    carries our config in its metadata.
     """
     if layout not in ("official", "diffusers"):
         hint = "; ComfyUI's layout is one file: dcvg_wan.checkpoint.save_single_file(model, 'x.safetensors')"
