@@ -46,7 +46,8 @@ def main(out: str, run_dir: str, interrupt: bool = False) -> None:
     state = {k: v.detach().clone() for k, v in _full_state(model).items()}
     if rank == 0:
         torch.save({"state": state, "losses": result.losses + lora.losses}, out)
-    if size > 1:
+    if size > 1:  # leave together: gloo can abort a process whose peer exits first
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

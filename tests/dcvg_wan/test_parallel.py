@@ -38,6 +38,7 @@ def _worker(rank: int, world: int, port: int, preset: str, latent, out_dir: str,
         if fsdp:  # after the forward every weight is a DTensor shard again (the reshard hook), none left gathered
             local = {name: p.to_local().numel() for name, p in model.named_parameters()}  # plain tensors: no to_local
         torch.save({"out": out, "full": full, "local": local}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: gloo can abort a process whose peer exits first
     finally:
         dist.destroy_process_group()
 

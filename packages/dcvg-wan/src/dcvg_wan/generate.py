@@ -142,7 +142,20 @@ def _bool(text: str) -> bool:
 
 
 def run(args: argparse.Namespace, log=print) -> Path | None:
-    """Load, generate, save; returns the written path."""
+    """Load, generate, save; returns the written path. Under torchrun the process group this
+    creates is closed at the end, all ranks together (gloo can abort a process whose peer exits
+    first)."""
+    import torch.distributed as dist
+
+    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    path = _run(args, log)
+    if owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return path
+
+
+def _run(args: argparse.Namespace, log) -> Path | None:
     from dcvg_wan.pipelines import I2VPipeline, T2VPipeline
 
     device = _device(args.device)

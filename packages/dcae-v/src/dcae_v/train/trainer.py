@@ -572,5 +572,12 @@ def _progress(cfg: TrainConfig, d: Dist, initial: int):
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
-    """Train (or with resume=True continue) a DC-AE-V as `cfg` says; returns the history and files."""
-    return Trainer(cfg).fit(resume)
+    """Train (or with resume=True continue) a DC-AE-V as `cfg` says; returns the history and files.
+    Under torchrun, the process group this call creates is closed at the end, all ranks together
+    (gloo can abort a process that exits while a peer still holds the connections)."""
+    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    result = Trainer(cfg).fit(resume)
+    if owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
