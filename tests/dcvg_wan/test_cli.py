@@ -211,12 +211,16 @@ def test_generate_turns_autoencoder_errors_into_exit_codes(tmp_path, capsys):
     assert not (tmp_path / "v.mp4").exists()
 
 
-def test_generate_keeps_an_empty_prompt(tmp_path, capsys):
-    """As official: --prompt "" is an empty prompt (only a missing --prompt means the example)."""
-    code, out, err = _run(capsys, "generate", "--prompt", "", "--sample_steps", "1", "--frame_num", "8",
-                          "--save_file", str(tmp_path / "v.mp4"))
+def test_generate_keeps_an_empty_prompt(tmp_path, capsys, monkeypatch):
+    """As official: --prompt "" is an empty prompt (only a missing --prompt means the example). The
+    automatic file name carries the prompt's words, so it shows which prompt ran."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, "generate", "--prompt", "", "--sample_steps", "1", "--frame_num", "8")
     assert code == 0, err
-    assert "dropped from the prompt" not in out  # the example prompt would have lost its unknown words
+    written = [p.name for p in tmp_path.glob("*.mp4")]
+    assert len(written) == 1 and re.fullmatch(r"t2v-tiny_128x128_1_1__\d{8}_\d{6}\.mp4", written[0]), written
 
 
 def test_i2v_480p_shift_default_holds_for_every_spelling_of_the_size():

@@ -19,13 +19,9 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # triton < 3.4: pointer loads only
-    TensorDescriptor = None
-
 from dcvg_kernels.conv3d_tma import conv3d_fwd_tma_body
 from dcvg_kernels.reference import check_conv3d_args, output_memory_format
+from dcvg_kernels.tma import TensorDescriptor, can_use_tma, runnable_configs
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -223,10 +219,7 @@ def tma_path_config(bh: int, bw: int, block_n: int, block_k: int, num_warps: int
 
 def _prune_forward(configs, nargs, **kwargs):
     """W_TMA / A_TMA configs only where the launch built those descriptors."""
-    configs = prune_weight_tma(configs, nargs, **kwargs)
-    if kwargs.get("A_TMA_OK", nargs.get("A_TMA_OK")):
-        return configs
-    return [c for c in configs if not c.kwargs.get("A_TMA")]
+    return runnable_configs(configs, nargs, kwargs, {"W_TMA": "W_TMA_OK", "A_TMA": "A_TMA_OK"})
 
 
 def ndhwc_descriptors(tensors, box):
@@ -234,9 +227,7 @@ def ndhwc_descriptors(tensors, box):
     activations, context, residual and output), or None where a rule fails: Hopper or newer (or
     the interpreter), channels dense, C·itemsize and every stride a multiple of 16 bytes, a 16-byte
     aligned base. `box` is the interpreter's; on the GPU the config's pre_hook sets it."""
-    if TensorDescriptor is None:
-        return None
-    if not INTERPRET and (tensors[0].device.type != "cuda" or torch.cuda.get_device_capability(tensors[0].device)[0] < 9):
+    if not can_use_tma(tensors[0], INTERPRET):
         return None
     descs = []
     for tensor in tensors:
@@ -259,9 +250,7 @@ def activation_descriptors(xl, ctx, use_context: bool, interpret_box=None):
 
 def prune_weight_tma(configs, nargs, **kwargs):
     """W_TMA configs only where the launch built a weight descriptor (W_TMA_OK)."""
-    if kwargs.get("W_TMA_OK", nargs.get("W_TMA_OK")):
-        return configs
-    return [c for c in configs if not c.kwargs.get("W_TMA")]
+    return runnable_configs(configs, nargs, kwargs, {"W_TMA": "W_TMA_OK"})
 
 
 def weight_descriptor(w2d, interpret_box=None):
@@ -269,9 +258,7 @@ def weight_descriptor(w2d, interpret_box=None):
     fails: Hopper or newer (or the interpreter), N·itemsize a multiple of 16 bytes (the RGB layers'
     3 channels are not), a 16-byte aligned base. `interpret_box` is the box for the interpreter's
     fixed config; on the GPU the config's pre_hook sets it."""
-    if TensorDescriptor is None:
-        return None
-    if not INTERPRET and (w2d.device.type != "cuda" or torch.cuda.get_device_capability(w2d.device)[0] < 9):
+    if not can_use_tma(w2d, INTERPRET):
         return None
     if w2d.stride(1) != 1 or w2d.stride(0) * w2d.element_size() % 16 or w2d.data_ptr() % 16:
         return None

@@ -20,12 +20,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # triton < 3.4: pointer loads only
-    TensorDescriptor = None
-
 from dcvg_kernels.reference import check_attention_args
+from dcvg_kernels.tma import TensorDescriptor, can_use_tma, runnable_configs
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -349,9 +345,7 @@ def _configs(kernel: str):
 
 def _prune_tma(configs, nargs, **kwargs):
     """TMA configs only where the launch built descriptors (TMA_OK)."""
-    if kwargs.get("TMA_OK", nargs.get("TMA_OK")):
-        return configs
-    return [c for c in configs if not c.kwargs.get("USE_TMA")]
+    return runnable_configs(configs, nargs, kwargs, {"USE_TMA": "TMA_OK"})
 
 
 def _tuned(kernel, fn, extra_key=()):
@@ -384,10 +378,8 @@ def tma_descriptors(tensors, block_d: int):
     dense (stride(2) == D: not a transposed [B, H, L, D] view), 16-byte aligned base and strides,
     no empty axis. Not 4D boxes [1, rows, 1, D]: the sm_90 compile then moves the tiles through
     registers and the dK/dV kernel spills 384-496 bytes (tools/bench/compile_report.py)."""
-    if TensorDescriptor is None:
-        return None
     first = tensors[0]
-    if not INTERPRET and (first.device.type != "cuda" or torch.cuda.get_device_capability(first.device)[0] < 9):
+    if not can_use_tma(first, INTERPRET):
         return None
     if first.shape[-1] != block_d or block_d * first.element_size() < 16:
         return None

@@ -167,12 +167,13 @@ def run(args: argparse.Namespace, log=print):
     from dcvg_wan.checkpoint import read_wan_config
     from dcvg_wan.components import locate_components
     from dcvg_wan.cost import parse_size
+    from dcvg_wan.generate import parse_device
     from dcvg_wan.latent_spaces import DCAEVSpace, WanVAESpace
     from dcvg_wan.model import WanModel
     from dcvg_wan.text_encoder import TextEncoder
     from dcvg_wan.vae import WanVAE
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device)
     width, height = parse_size(args.size)
     if (args.frame_num - 1) % 4 or args.frame_num < 5:
         raise InputError(f"--frame_num must be 4n+1 (>= 5) so that both autoencoders see the same clip, got {args.frame_num}")

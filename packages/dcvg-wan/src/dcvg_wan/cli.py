@@ -48,14 +48,15 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def check_writable_target(path: str) -> None:
     """Before the work: the nearest existing folder on the path must be a writable folder (the
-    writers create the missing ones, as diffusers' save_pretrained does)."""
-    from pathlib import Path
+    writers create the missing ones, as diffusers' save_pretrained does). dcae-v's probe creates a
+    file there, which also holds for root, where permission bits say nothing."""
+    from dcae_v.io import check_output_dir
 
-    ancestor = Path(path).absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-        raise InputError(f"cannot write {path}: {ancestor} is not a writable folder")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        check_output_dir(parent)
+    except AutoencoderInputError:
+        raise InputError(f"cannot write {path}: {parent} is not a writable folder") from None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
 def _run(args: argparse.Namespace, log) -> Path | None:
     from dcvg_wan.pipelines import I2VPipeline, T2VPipeline
 
-    device = _device(args.device)
+    device = parse_device(args.device)
     if args.use_prompt_extend:
         raise InputError("--use_prompt_extend is not supported: prompt extension needs an LLM (DashScope or a local "
                          "Qwen), which this package does not ship; extend the prompt yourself and pass it as --prompt")
@@ -314,14 +314,15 @@ def check_save_file(path: str | os.PathLike, t2i: bool) -> None:
         raise InputError(str(e)) from None
 
 
-def _device(text: str | None) -> torch.device:
+def parse_device(text: str | None) -> torch.device:
+    """--device: cpu, cuda or cuda:N (default cuda when available), refused with the fix otherwise."""
     if text is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise InputError(f"--device {text!r} is not a device this package runs on; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise InputError(f"--device {text!r} is not a device this package runs on; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {text} was asked for but torch sees no CUDA device; use --device cpu")
