@@ -55,3 +55,19 @@ def test_rms_norm_formula():
     ref = x / torch.sqrt((x**2).mean(1, keepdim=True) + 1e-5) * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
     assert torch.allclose(norm(x), ref, atol=1e-5)
     assert sorted(k for k, _ in norm.named_parameters()) == ["bias", "weight"]
+
+
+def test_rms_norm_low_precision_op_order():
+    """In bf16 the norm must round exactly like NVIDIA's formula (divide by sqrt, in the input dtype,
+    then weight and bias), so bf16 outputs are bit-identical to theirs and not just close."""
+    torch.manual_seed(0)
+    norm = RMSNorm3d(64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    norm = norm.to(torch.bfloat16)
+    x = (torch.randn(2, 64, 3, 8, 8) * 3 + 1).to(torch.bfloat16)
+    w, b = norm.weight.view(1, -1, 1, 1, 1), norm.bias.view(1, -1, 1, 1, 1)
+    ref = x / torch.sqrt(x.square().mean(1, keepdim=True) + 1e-5) * w + b
+    assert norm(x).dtype == torch.bfloat16
+    assert torch.equal(norm(x), ref)

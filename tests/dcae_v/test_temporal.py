@@ -158,3 +158,65 @@ def test_parity_with_nvidia_reference_outputs(case):
     z = model.encode(x)
     assert torch.allclose(z, want_z, rtol=1e-5, atol=1e-6)
     assert torch.allclose(model.decode(want_z), want_y, rtol=1e-5, atol=1e-6)
+
+
+# --- frame counts that are not whole chunks: NVIDIA's released configs run the short last tile
+# on its own (their chunk-causal conv falls back to zero padding and ignores the cache) ------------
+
+def naive_tail_alone_conv(x, w, b, chunk, context=None):
+    """Per output frame: full chunks read the previous chunk's last frame (chunk 0: context or
+    zeros) and zeros after the chunk; frames of a final partial chunk read only that tail."""
+    T, p = x.shape[2], w.shape[2] // 2
+    cut = T - T % chunk
+    zero = torch.zeros_like(x[:, :, 0])
+
+    def frame(t_out, src):
+        if t_out >= cut:  # the tail: its own frames, zeros elsewhere (no context, no earlier chunk)
+            return x[:, :, src] if cut <= src < T else zero
+        if src >= (t_out // chunk + 1) * chunk:
+            return zero
+        if src < 0:
+            return context[:, :, context.shape[2] + src] if context is not None else zero
+        return x[:, :, src]
+
+    out = []
+    for t in range(T):
+        acc = b.view(1, -1, 1, 1).expand(x.shape[0], -1, x.shape[3], x.shape[4]).clone()
+        for tap in range(w.shape[2]):
+            acc = acc + F.conv2d(frame(t, t - p + tap), w[:, :, tap], padding=w.shape[-1] // 2)
+        out.append(acc)
+    return torch.stack(out, dim=2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("T, with_context", [(10, False), (10, True), (3, True), (8, True), (1, True)])
+def test_conv_layer_runs_a_partial_last_chunk_alone(T, with_context):
+    from dcae_v.blocks import TemporalConv3d
+
+    torch.manual_seed(T)
+    layer = TemporalConv3d(3, 4, TemporalRule("chunk_causal", 4)).double()
+    x = torch.randn(2, 3, T, 5, 6, dtype=torch.float64)
+    ctx = torch.randn(2, 3, 1, 5, 6, dtype=torch.float64) if with_context else None
+    cache = {layer: ctx} if with_context else None
+    got = layer(x, cache)
+    want = naive_tail_alone_conv(x, layer.conv.weight, layer.conv.bias, 4, ctx)
+    assert torch.allclose(got, want, atol=1e-10)
+    if T % 4:  # the old rule (tail reads the previous chunk / the context) gives something else
+        assert not torch.allclose(got, naive_conv(x, layer.conv.weight, layer.conv.bias, layer.rule, ctx), atol=1e-3)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("frames_per_tile", [None, 8, 16])
+def test_model_partial_last_chunk_equals_separate_tiles(frames_per_tile):
+    """T = 20 with chunks of 8: latents/frames of the 4-frame tail equal encoding/decoding the tail
+    alone, the rest equals the 16 whole-chunk frames alone (NVIDIA's tiles of one chunk)."""
+    model = _model("chunk_causal")
+    x = torch.rand(1, 3, 20, 32, 32, dtype=torch.float64) * 2 - 1
+    z = model.encode(x, frames_per_tile)
+    assert torch.allclose(z[:, :, :4], model.encode(x[:, :, :16]), atol=1e-10)
+    assert torch.allclose(z[:, :, 4:], model.encode(x[:, :, 16:]), atol=1e-10)
+    y = model.decode(z, frames_per_tile)
+    assert torch.allclose(y[:, :, :16], model.decode(z[:, :, :4]), atol=1e-10)
+    assert torch.allclose(y[:, :, 16:], model.decode(z[:, :, 4:]), atol=1e-10)
+    streamed = torch.cat(list(model.encode_stream(x.split(6, dim=2), frames_per_tile)), dim=2)
+    assert torch.allclose(streamed, z, atol=1e-10)

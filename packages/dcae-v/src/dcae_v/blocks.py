@@ -20,7 +20,10 @@ StreamCache = dict[nn.Module, torch.Tensor]
 
 
 class RMSNorm3d(nn.Module):
-    """RMS norm over channels (dim 1) with weight and bias; no mean subtraction, eps 1e-5."""
+    """RMS norm over channels (dim 1) with weight and bias; no mean subtraction, eps 1e-5.
+
+    Computed as NVIDIA does (x / sqrt(.), in the input dtype) so bf16 outputs round identically.
+    """
 
     def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
@@ -29,7 +32,7 @@ class RMSNorm3d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + self.eps)
+        x = x / torch.sqrt(x.square().mean(dim=1, keepdim=True) + self.eps)
         return x * self.weight[:, None, None, None] + self.bias[:, None, None, None]
 
 
@@ -50,12 +53,28 @@ class TemporalConv3d(nn.Module):
                 raise ValueError("a non_causal DC-AE-V cannot stream (tile in time); run it on the whole clip")
             context = cache.get(self)
             cache[self] = next_context(x, context, self.rule.context_frames(self.conv.kernel_size[0]))
-        y = kernels.conv3d(x, self.conv.weight, self.conv.bias, self.rule, context)
+        y = self._conv(x, context)
         if self.norm is not None:
             y = self.norm(y)
         if self.act is not None:
             y = self.act(y)
         return y
+
+    def _conv(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """The temporal conv; a final partial chunk runs on its own, as in NVIDIA's DC-AE-V.
+
+        NVIDIA encodes/decodes in tiles of one chunk with a cache; a short last tile (T % L != 0)
+        falls back to a plain zero-padded conv that neither reads the cache nor sees the previous
+        chunk. Running that tail without context reproduces it, so one shot, our tiles and
+        NVIDIA's tiles agree for every frame count (and causality is kept).
+        """
+        w, b, rule = self.conv.weight, self.conv.bias, self.rule
+        rem = x.shape[2] % rule.chunk if rule.mode == "chunk_causal" else 0
+        if not rem:
+            return kernels.conv3d(x, w, b, rule, context)
+        cut = x.shape[2] - rem
+        tail = kernels.conv3d(x[:, :, cut:], w, b, rule, None)
+        return tail if cut == 0 else torch.cat([kernels.conv3d(x[:, :, :cut], w, b, rule, context), tail], dim=2)
 
     def extra_repr(self) -> str:
         return f"rule={self.rule}"

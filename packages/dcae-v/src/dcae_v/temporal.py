@@ -9,7 +9,9 @@ frames fill its temporal padding:
 * ``chunk_causal``: frames are split into chunks of L; each chunk gets, on the left, the last p
                     input frames of the previous chunk (zeros or the cache for the first chunk)
                     and p zero frames on the right. Bidirectional inside a chunk, causal across.
-                    A final partial chunk (T % L != 0) is treated the same way.
+                    A final partial chunk (T % L != 0) is treated the same way here (the
+                    contract shared with dcvg-kernels); the model's `TemporalConv3d` instead
+                    runs such a tail on its own without context, as NVIDIA's released code does.
 
 `context` is the streaming cache: the last input frames of the previous call, so that running
 a video tile by tile (tiles a multiple of L) equals running it at once.
