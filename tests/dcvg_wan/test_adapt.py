@@ -33,7 +33,10 @@ def _adapted(t2v, channels=8):
     model = WanAdaptable(copy.deepcopy(t2v))
     torch.manual_seed(0)
     model.replace_patch_embedder(channels, (1, 1, 1))
-    model.replace_output_head(channels, (1, 1, 1))
+    head = model.replace_output_head(channels, (1, 1, 1))
+    with torch.no_grad():  # the new projection starts at zero (DC-Gen): give it weights, as after stage 2
+        head.head.weight.normal_(0, 0.2)
+        head.head.bias.normal_(0, 0.2)
     return model
 
 

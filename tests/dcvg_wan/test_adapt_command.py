@@ -44,9 +44,16 @@ def test_adapt_end_to_end_and_resume(setup, capsys):
     out = root / "out"
     argv = ["adapt", "--ckpt_dir", str(ckpt), "--dcae_ckpt", str(root / "dcae"), "--data", str(data),
             "--out", str(out), "--size", "32*32", "--frame_num", "9", "--preset", "debug",
-            "--set", "embedder.steps=4", "head.steps=4", "lora.steps=2", "resolution=[]"]
+            "--set", "embedder.steps=4", "head.steps=4", "lora.steps=2", "resolution=[]",
+            "timesteps=dcgen", "flow_shift=5.0", "cond_dropout=0.1"]  # the Wan presets' DC-Gen recipe
     assert main(argv) == 0, capsys.readouterr().err
     assert (out / "cache" / "index.json").is_file()
+    from ae_adapt import LatentCache
+    from dcvg_wan.adapt_command import DCGEN_NULL_PROMPT
+
+    cache = LatentCache(out / "cache")  # the null prompt of DC-Gen's text dropout is cached once
+    assert cache.index["null"]["prompt"] == DCGEN_NULL_PROMPT
+    assert cache.null_cond()["context"].shape == cache[0]["context"].shape
     model = WanModel.from_pretrained(out / "model")
     assert (model.config.in_dim, model.config.out_dim, model.config.patch) == (8, 8, (1, 1, 1))
     assert (out / "lora_comfy.safetensors").is_file() and (out / "adapter").is_dir()

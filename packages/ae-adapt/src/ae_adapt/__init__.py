@@ -23,6 +23,7 @@ from ae_adapt.protocol import AdaptableDiT, check_adaptable
 from ae_adapt.stages import (
     PRESETS,
     AdaptPreset,
+    EmbedderAlign,
     align_embedder,
     align_head,
     get_preset,
@@ -38,6 +39,7 @@ __all__ = [
     "AdaptPreset",
     "AdaptableDiT",
     "CacheError",
+    "EmbedderAlign",
     "LatentCache",
     "OutputError",
     "PresetError",

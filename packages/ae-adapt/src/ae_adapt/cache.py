@@ -4,7 +4,9 @@ encoder is in memory while the DiT trains.
 
 Layout: `index.json` (format, autoencoder and text-encoder names, shapes, shard list) and
 `shard-00000.safetensors`, ... with keys `<sample index>.<field>` (fields: base, new, context,
-and whatever `extra` adds, e.g. base_y / new_y / clip_fea for image-to-video).
+and whatever `extra` adds, e.g. base_y / new_y / clip_fea for image-to-video), and with
+`null_prompt=` a `null.safetensors` holding that prompt's text embedding: the conditioning of
+DC-Gen's text dropout (`LatentCache.null_cond()`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ae_adapt.errors import CacheError, ShapeError
 
 FORMAT = "ae-adapt-latent-cache/1"
 INDEX = "index.json"
+NULL = "null.safetensors"
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -40,17 +43,24 @@ def build_cache(
     text_encoder: str = "",
     extra: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None,
     new_patch: Sequence[int] | None = None,
+    null_prompt: str | None = None,
     shard_size: int = 256,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Encode every clip ({"video": [3, T, H, W] in [-1, 1], "prompt": str, ...}) with both
     autoencoders and the text encoder and write the cache. `base_ae`/`new_ae` name the
     autoencoders (checked when training reads the cache); `new_patch`, when given, is checked
-    against the new latent's shape here rather than hours later."""
+    against the new latent's shape here rather than hours later. `null_prompt` (e.g. the model's
+    negative prompt) is encoded once and stored for condition dropout."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "base_ae": base_ae, "new_ae": new_ae, "text_encoder": text_encoder}
     shards, pending, shapes, count, text_len = [], {}, {}, 0, 0
+    null = None
+    if null_prompt is not None:
+        with torch.no_grad():
+            null = text_encode(null_prompt).detach().to("cpu", dtype).contiguous().clone()
+        text_len = int(null.shape[0])  # contexts and the null one are padded to one length
 
     def flush() -> None:
         if pending:
@@ -86,6 +96,14 @@ def build_cache(
     if count == 0:
         raise CacheError("no clips to cache: the clip source is empty")
     index = {**meta, "count": count, "shapes": shapes, "text_len": text_len, "shards": shards}
+    if null is not None:
+        if list(null.shape[1:]) != shapes["context"]:
+            raise CacheError(
+                f"the null prompt's embedding has rows of shape {list(null.shape[1:])}, the prompts' "
+                f"{shapes['context']}: encode both with the same text encoder"
+            )
+        save_file({"context": null}, str(out / NULL), metadata={k: str(v) for k, v in meta.items()})
+        index["null"] = {"file": NULL, "prompt": null_prompt}
     tmp = out / f".{INDEX}.tmp"
     tmp.write_text(json.dumps(index, indent=2))
     os.replace(tmp, out / INDEX)
@@ -152,6 +170,16 @@ class LatentCache:
         ctx = sample["context"]
         sample["context"] = F.pad(ctx, (0, 0, 0, self.index["text_len"] - ctx.shape[0]))
         return sample
+
+    def null_cond(self) -> dict[str, torch.Tensor] | None:
+        """{"context": the null prompt's embedding, zero-padded to text_len} (the conditioning of
+        condition dropout), or None for a cache built without `null_prompt`."""
+        entry = self.index.get("null")
+        if entry is None:
+            return None
+        with safe_open(str(self.dir / entry["file"]), framework="pt") as f:
+            ctx = f.get_tensor("context")
+        return {"context": F.pad(ctx, (0, 0, 0, self.index["text_len"] - ctx.shape[0]))}
 
     def fingerprint(self) -> dict[str, Any]:
         """What a training run depends on (stored in its checkpoints)."""

@@ -2,13 +2,16 @@
 
 1. `align_embedder`: the base model stays frozen; a new, randomly initialised patch embedder
    (the paper's choice) learns to map the new latent to the base embedder's tokens of the same
-   clip, average-pooled onto the new token grid (MSE, eq. 2).
+   clip, average-pooled onto the new token grid (MSE, eq. 2). `EmbedderAlign` selects the other
+   losses of NVIDIA's DC-Gen trainer (upsample, global average, mixed).
 2. `align_head`: a new output head and the aligned embedder train on the diffusion loss with
    every other parameter frozen, until the loss plateaus.
 3. `lora_finetune`: LoRA (peft) on the blocks plus the embedder and head, end to end; called
    again on higher-resolution data for the resolution-increase stages.
 
-Defaults are Table 8 (`PRESETS`); every field can be overridden with `dataclasses.replace`.
+Defaults are Table 8 (`PRESETS`) plus what NVIDIA's DC-Gen training code fixes and the paper
+does not (noise-level sampling, condition dropout, no weight decay on norms and biases); every
+field can be overridden with `dataclasses.replace`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ae_adapt.errors import PresetError, ShapeError
-from ae_adapt.flow import diffusion_loss
+from ae_adapt.flow import TIMESTEP_SAMPLINGS, diffusion_loss
 from ae_adapt.protocol import Grid, check_adaptable
 from ae_adapt.trainer import DONE, TrainConfig, Trainer, TrainResult, world
 
@@ -36,9 +39,41 @@ LATENT_KEYS = ("base", "new", "base_y", "new_y")
 EMBEDDER_FILE, HEAD_FILE = "embedder.safetensors", "head.safetensors"
 
 
+ALIGN_LOSSES = ("downsample", "upsample", "avgpool", "mixed")
+UPSAMPLE_MODES = ("nearest", "bilinear", "trilinear")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedderAlign:
+    """Stage 1 loss between base tokens e_b and new tokens e_n (NVIDIA's DC-Gen `DCAdaptTrainer`).
+
+    Both token maps first get the same frame count (the longer one average-pooled in time), then:
+    "downsample": MSE(e_n, avgpool(e_b)) on the coarser spatial grid (paper eq. 2);
+    "upsample": MSE of the coarser map interpolated (`upsample_mode`) up to the finer one;
+    "avgpool": MSE of the per-frame spatial means; "mixed": the sum of the three.
+    `base_left_pad` / `base_right_trim` replicate-pad / cut latent frames of the base input
+    (latent and conditioning) before the base embedder, to make the frame counts divide."""
+
+    loss: str = "downsample"
+    upsample_mode: str = "trilinear"  # "bilinear"/"trilinear": multilinear over the grid's spatial dims
+    base_left_pad: int = 0
+    base_right_trim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss not in ALIGN_LOSSES:
+            raise PresetError(f"embedder alignment loss must be one of {ALIGN_LOSSES}, got {self.loss!r}")
+        if self.upsample_mode not in UPSAMPLE_MODES:
+            raise PresetError(f"upsample_mode must be one of {UPSAMPLE_MODES}, got {self.upsample_mode!r}")
+        if self.base_left_pad < 0 or self.base_right_trim < 0:
+            raise PresetError("base_left_pad and base_right_trim count frames: they must be >= 0")
+
+    def replace(self, **overrides: Any) -> EmbedderAlign:
+        return dataclasses.replace(self, **overrides)
+
+
 @dataclass(frozen=True, kw_only=True)
 class AdaptPreset:
-    """Hyper-parameters of all stages (Table 8 for the Wan presets)."""
+    """Hyper-parameters of all stages (Table 8 + NVIDIA's DC-Gen code for the Wan presets)."""
 
     embedder: TrainConfig
     head: TrainConfig
@@ -48,7 +83,19 @@ class AdaptPreset:
     lora_targets: tuple[str, ...] | None = None  # None: the model's `lora_target_modules()`
     # Resolution increase: (name, optimizer steps); each runs `lora` with these steps, no warm-up.
     resolution: tuple[tuple[str, int], ...] = (("480px-720px", 1000), ("720px-1080px", 500), ("1080px-2160px", 200))
-    flow_shift: float = 1.0  # timestep shift for training noise levels (not given by the paper)
+    flow_shift: float = 1.0  # timestep shift for training noise levels
+    timesteps: str = "uniform"  # noise-level sampling of stages 2-3: "uniform" or "dcgen" (see ae_adapt.flow)
+    timestep_grid: int = 50  # grid points of "dcgen" sampling
+    cond_dropout: float = 0.0  # probability of training a sample on the null conditioning
+    embedder_align: EmbedderAlign = EmbedderAlign()
+
+    def __post_init__(self) -> None:
+        if self.timesteps not in TIMESTEP_SAMPLINGS:
+            raise PresetError(f"timesteps must be one of {TIMESTEP_SAMPLINGS}, got {self.timesteps!r}")
+        if isinstance(self.embedder_align, dict):  # from JSON overrides
+            object.__setattr__(self, "embedder_align", EmbedderAlign(**self.embedder_align))
+        if not 0 <= self.cond_dropout < 1:
+            raise PresetError(f"cond_dropout is a probability in [0, 1), got {self.cond_dropout}")
 
     def replace(self, **overrides: Any) -> AdaptPreset:
         return dataclasses.replace(self, **overrides)
@@ -56,18 +103,51 @@ class AdaptPreset:
     def resolution_config(self, steps: int) -> TrainConfig:
         return self.lora.replace(steps=steps, warmup_steps=0)
 
+    def diffusion(self) -> dict[str, Any]:
+        """The diffusion-loss settings of stages 2 and 3 (keyword arguments of align_head / lora_finetune)."""
+        return {
+            "shift": self.flow_shift,
+            "timesteps": self.timesteps,
+            "grid_steps": self.timestep_grid,
+            "cond_dropout": self.cond_dropout,
+        }
+
 
 _BETAS = (0.9, 0.999)
+# NVIDIA's DC-Gen BaseTrainer: AdamW without weight decay on parameters named *norm.weight or
+# *bias (`no_wd_keys`), linear warm-up starting at `warmup_lr` (default 6.4e-6).
+_NO_WD = ("norm.weight", "bias")
 # Table 8 lists no weight decay for the two alignment stages: none is used there.
-_EMBEDDER = TrainConfig(lr=1e-4, warmup_steps=0, batch_size=4, steps=20_000, betas=_BETAS)
+_EMBEDDER = TrainConfig(lr=1e-4, warmup_steps=0, batch_size=4, steps=20_000, betas=_BETAS, no_decay_keys=_NO_WD)
 _HEAD = TrainConfig(
-    lr=1e-4, warmup_steps=0, batch_size=32, steps=4_000, betas=_BETAS, plateau_patience=200, plateau_min_delta=1e-3
+    lr=1e-4,
+    warmup_steps=0,
+    batch_size=32,
+    steps=4_000,
+    betas=_BETAS,
+    plateau_patience=200,
+    plateau_min_delta=1e-3,
+    no_decay_keys=_NO_WD,
 )
-_LORA = TrainConfig(lr=5e-5, warmup_steps=1_000, batch_size=32, steps=20_000, betas=_BETAS, weight_decay=1e-3)
+_LORA = TrainConfig(
+    lr=5e-5,
+    warmup_steps=1_000,
+    warmup_start_lr=6.4e-6,
+    batch_size=32,
+    steps=20_000,
+    betas=_BETAS,
+    weight_decay=1e-3,
+    no_decay_keys=_NO_WD,
+)
+# DC-Gen's Wan trainer (WanT2VConfig / WanI2VConfig): FlowMatchScheduler over a 50-point grid
+# with flow_shift 5.0, text replaced by the negative-prompt embedding with probability 0.1.
+_WAN = {"timesteps": "dcgen", "flow_shift": 5.0, "timestep_grid": 50, "cond_dropout": 0.1}
 
 PRESETS: dict[str, AdaptPreset] = {
-    "wan-1.3B": AdaptPreset(embedder=_EMBEDDER, head=_HEAD, lora=_LORA),
-    "wan-14B": AdaptPreset(embedder=_EMBEDDER, head=_HEAD.replace(steps=3_000), lora=_LORA.replace(steps=6_000)),
+    "wan-1.3B": AdaptPreset(embedder=_EMBEDDER, head=_HEAD, lora=_LORA, **_WAN),
+    "wan-14B": AdaptPreset(
+        embedder=_EMBEDDER, head=_HEAD.replace(steps=3_000), lora=_LORA.replace(steps=6_000), **_WAN
+    ),
     # Tiny, for tests and smoke runs on CPU.
     "debug": AdaptPreset(
         embedder=_EMBEDDER.replace(lr=1e-2, batch_size=4, steps=20, progress=False),
@@ -105,30 +185,148 @@ def pool_tokens(tokens: torch.Tensor, grid: Grid, target: Grid) -> torch.Tensor:
     return pool(x, tuple(target)).flatten(2).transpose(1, 2)
 
 
-class EmbedderAlignTask(nn.Module):
-    """Stage 1 loss: MSE(new_embedder(new latent), avgpool(base_embedder(base latent)))."""
+def _grid_map(tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
+    b, _, d = tokens.shape
+    return tokens.transpose(1, 2).reshape(b, d, *grid)
 
-    def __init__(self, model: nn.Module, base_embedder: nn.Module):
+
+def _pool_to(x: torch.Tensor, size: Sequence[int], dims: Sequence[int]) -> torch.Tensor:
+    """Average-pool the grid dims `dims` (indices into the grid) of x [B, D, *grid] to `size`."""
+    grid = list(x.shape[2:])
+    target = list(grid)
+    for i, s in zip(dims, size):
+        target[i] = s
+    if target == grid:
+        return x
+    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(grid)]
+    return pool(x, tuple(target))
+
+
+def _finer_coarser(a: torch.Tensor, b: torch.Tensor, dims: Sequence[int]) -> bool:
+    """True when map a is at least as fine as b in every dim of `dims`; raise on a mixed order."""
+    sa, sb = [a.shape[2 + i] for i in dims], [b.shape[2 + i] for i in dims]
+    if all(x >= y for x, y in zip(sa, sb)):
+        return True
+    if all(x <= y for x, y in zip(sa, sb)):
+        return False
+    raise ShapeError(
+        f"token grids {tuple(sa)} and {tuple(sb)}: one must be at least as fine as the other in every dimension"
+    )
+
+
+def align_loss(
+    base: torch.Tensor, base_grid: Grid, new: torch.Tensor, new_grid: Grid, align: EmbedderAlign | None = None
+) -> torch.Tensor:
+    """Stage 1 loss between base tokens [B, Lb, D] on `base_grid` and new tokens [B, Ln, D] on
+    `new_grid` (row-major). A 3-D grid is (frames, height, width): frames are matched first by
+    average-pooling the longer map; 1-D and 2-D grids are all spatial. Non-integer ratios use
+    adaptive pooling (DC-Gen asserts integer ones)."""
+    align = align or EmbedderAlign()
+    if len(base_grid) != len(new_grid):
+        raise ShapeError(f"base grid {tuple(base_grid)} and new grid {tuple(new_grid)} differ in rank")
+    eb, en = _grid_map(base.float(), base_grid), _grid_map(new.float(), new_grid)
+    spatial = list(range(len(base_grid)))
+    if len(base_grid) == 3:
+        spatial = [1, 2]
+        frames = min(eb.shape[2], en.shape[2])
+        eb, en = _pool_to(eb, [frames], [0]), _pool_to(en, [frames], [0])
+    losses = {}
+    if align.loss in ("downsample", "mixed"):
+        if _finer_coarser(eb, en, spatial):
+            losses["downsample"] = F.mse_loss(en, _pool_to(eb, [en.shape[2 + i] for i in spatial], spatial))
+        else:
+            losses["downsample"] = F.mse_loss(_pool_to(en, [eb.shape[2 + i] for i in spatial], spatial), eb)
+    if align.loss in ("upsample", "mixed"):
+        fine, coarse = (eb, en) if _finer_coarser(eb, en, spatial) else (en, eb)
+        mode = (
+            "nearest"
+            if align.upsample_mode == "nearest"
+            else {1: "linear", 2: "bilinear", 3: "trilinear"}[fine.ndim - 2]
+        )
+        up = F.interpolate(coarse, size=tuple(fine.shape[2:]), mode=mode)
+        losses["upsample"] = F.mse_loss(fine, up)
+    if align.loss in ("avgpool", "mixed"):
+        dims = tuple(2 + i for i in spatial)
+        losses["avgpool"] = F.mse_loss(eb.mean(dim=dims), en.mean(dim=dims))
+    return sum(losses.values())
+
+
+def _pad_trim_frames(x: torch.Tensor, left_pad: int, right_trim: int) -> torch.Tensor:
+    """Replicate the first latent frame `left_pad` times in front, drop the last `right_trim`."""
+    if left_pad:
+        x = torch.cat([x[:, :, :1].expand(-1, -1, left_pad, *x.shape[3:]), x], dim=2)
+    if right_trim:
+        if right_trim >= x.shape[2]:
+            raise ShapeError(f"base_right_trim {right_trim} leaves no frame of a {x.shape[2]}-frame latent")
+        x = x[:, :, :-right_trim]
+    return x
+
+
+class EmbedderAlignTask(nn.Module):
+    """Stage 1 loss: MSE(new_embedder(new latent), avgpool(base_embedder(base latent))), or another
+    `EmbedderAlign` loss."""
+
+    def __init__(self, model: nn.Module, base_embedder: nn.Module, align: EmbedderAlign | None = None):
         super().__init__()
         self.model, self.base_embedder = model, base_embedder
+        self.align = align or EmbedderAlign()
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         with torch.no_grad():
-            base, base_grid = self.base_embedder(_input(batch, "base"))
+            x = _pad_trim_frames(_input(batch, "base"), self.align.base_left_pad, self.align.base_right_trim)
+            base, base_grid = self.base_embedder(x)
         new, new_grid = self.model.patch_embed(_input(batch, "new"))
-        return F.mse_loss(new.float(), pool_tokens(base.float(), base_grid, new_grid))
+        return align_loss(base, base_grid, new, new_grid, self.align)
 
 
 class DiffusionTask(nn.Module):
     """Stages 2 and 3 loss: flow matching on the new latent (conditioning from the batch)."""
 
-    def __init__(self, model: nn.Module, shift: float = 1.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        shift: float = 1.0,
+        *,
+        timesteps: str = "uniform",
+        grid_steps: int = 50,
+        cond_dropout: float = 0.0,
+        null_cond: dict[str, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.model, self.shift = model, shift
+        self.timesteps, self.grid_steps = timesteps, grid_steps
+        self.cond_dropout, self.null_cond = cond_dropout, dict(null_cond or {})
+        if cond_dropout > 0 and not self.null_cond:
+            raise PresetError(
+                f"cond_dropout={cond_dropout} needs the null conditioning (null_cond, e.g. the text embedding "
+                "of the negative prompt; LatentCache.null_cond() when the cache was built with null_prompt=)"
+            )
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         cond = {k: v for k, v in batch.items() if k not in LATENT_KEYS}
-        return diffusion_loss(self.model, batch["new"], generator, y=batch.get("new_y"), shift=self.shift, **cond)
+        return diffusion_loss(
+            self.model,
+            batch["new"],
+            generator,
+            y=batch.get("new_y"),
+            shift=self.shift,
+            timesteps=self.timesteps,
+            grid_steps=self.grid_steps,
+            cond_dropout=self.cond_dropout,
+            null_cond=self.null_cond,
+            **cond,
+        )
+
+
+def _diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout) -> dict[str, Any]:
+    """What of the diffusion loss a checkpoint depends on (the pre-DC-Gen keys only when they are
+    not the defaults, so that checkpoints of earlier versions still resume)."""
+    fp: dict[str, Any] = {"shift": shift}
+    if timesteps != "uniform":
+        fp |= {"timesteps": timesteps, "grid_steps": grid_steps}
+    if cond_dropout:
+        fp["cond_dropout"] = cond_dropout
+    return fp
 
 
 # ---- the stages -------------------------------------------------------------------------------
@@ -152,6 +350,7 @@ def align_embedder(
     *,
     in_channels: int,
     patch: Sequence[int],
+    align: EmbedderAlign | None = None,
     fingerprint: dict[str, Any] | None = None,
     stop_at: int | None = None,
 ) -> TrainResult:
@@ -162,9 +361,12 @@ def align_embedder(
     model.requires_grad_(False)
     embedder = _fresh(cfg.seed, lambda: model.replace_patch_embedder(in_channels, tuple(patch)))
     embedder.requires_grad_(True)
+    align = align or EmbedderAlign()
     fp = {"in_channels": in_channels, "patch": list(patch), **(fingerprint or {})}
+    if align != EmbedderAlign():
+        fp["align"] = dataclasses.asdict(align)
     trainer = Trainer(
-        EmbedderAlignTask(model, base_embedder),
+        EmbedderAlignTask(model, base_embedder, align),
         data,
         cfg,
         run_dir,
@@ -186,21 +388,32 @@ def align_head(
     out_channels: int,
     patch: Sequence[int],
     shift: float = 1.0,
+    timesteps: str = "uniform",
+    grid_steps: int = 50,
+    cond_dropout: float = 0.0,
+    null_cond: dict[str, torch.Tensor] | None = None,
     fingerprint: dict[str, Any] | None = None,
     stop_at: int | None = None,
 ) -> TrainResult:
     """Stage 2. Replaces the output head and trains it with the (aligned) embedder on the diffusion
-    loss; every other parameter stays frozen. Stops at `cfg.steps` or on a loss plateau."""
+    loss; every other parameter stays frozen. Stops at `cfg.steps` or on a loss plateau. The
+    diffusion-loss options are those of `ae_adapt.flow.diffusion_loss`."""
     check_adaptable(model)
     model.requires_grad_(False)
     head = _fresh(cfg.seed + 1, lambda: model.replace_output_head(out_channels, tuple(patch)))
     embedder = model.get_patch_embedder()
     embedder.requires_grad_(True)
     head.requires_grad_(True)
-    fp = {"out_channels": out_channels, "patch": list(patch), "shift": shift, **(fingerprint or {})}
-    trainer = Trainer(
-        DiffusionTask(model, shift), data, cfg, run_dir, stage="align_head", fingerprint=fp, fsdp_units=_units(model)
+    fp = {
+        "out_channels": out_channels,
+        "patch": list(patch),
+        **_diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout),
+        **(fingerprint or {}),
+    }
+    task = DiffusionTask(
+        model, shift, timesteps=timesteps, grid_steps=grid_steps, cond_dropout=cond_dropout, null_cond=null_cond
     )
+    trainer = Trainer(task, data, cfg, run_dir, stage="align_head", fingerprint=fp, fsdp_units=_units(model))
     result = trainer.fit(stop_at=stop_at)
     _save_module(embedder, Path(run_dir) / EMBEDDER_FILE, trainer.rank)
     _save_module(head, Path(run_dir) / HEAD_FILE, trainer.rank)
@@ -218,6 +431,10 @@ def lora_finetune(
     target_modules: Sequence[str] | None = None,
     train_embedder_and_head: bool = True,
     shift: float = 1.0,
+    timesteps: str = "uniform",
+    grid_steps: int = 50,
+    cond_dropout: float = 0.0,
+    null_cond: dict[str, torch.Tensor] | None = None,
     stage: str = "lora",
     fingerprint: dict[str, Any] | None = None,
     stop_at: int | None = None,
@@ -240,13 +457,14 @@ def lora_finetune(
         "rank": rank,
         "alpha": alpha,
         "targets": list(targets),
-        "shift": shift,
+        **_diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout),
         "embedder_and_head": train_embedder_and_head,
         **(fingerprint or {}),
     }
-    trainer = Trainer(
-        DiffusionTask(model, shift), data, cfg, run_dir, stage=stage, fingerprint=fp, fsdp_units=_units(model)
+    task = DiffusionTask(
+        model, shift, timesteps=timesteps, grid_steps=grid_steps, cond_dropout=cond_dropout, null_cond=null_cond
     )
+    trainer = Trainer(task, data, cfg, run_dir, stage=stage, fingerprint=fp, fsdp_units=_units(model))
     result = trainer.fit(stop_at=stop_at)
     lora_io.save_lora(model, Path(run_dir) / "adapter")
     return result
@@ -279,30 +497,49 @@ def run_all(
     out_channels: int,
     patch: Sequence[int],
     resolution_data: Sequence[Any] = (),
+    null_cond: dict[str, torch.Tensor] | None = None,
     fingerprint: dict[str, Any] | None = None,
 ) -> bool:
     """Stages 1, 2, 3 and the resolution increases (one `resolution_data` per preset.resolution
     entry, possibly fewer), each in its own sub-directory. A finished stage is restored from its
     files, an unfinished one resumes from its checkpoint. Under torchrun (world size > 1) a model
     can be sharded once per process, so this trains one stage and returns: launch the same
-    command again for the next. Returns True when every stage has finished."""
+    command again for the next. Returns True when every stage has finished. `null_cond` is the
+    conditioning a sample is trained on with probability `preset.cond_dropout` (e.g.
+    `{"context": negative-prompt embedding}`; `LatentCache.null_cond()`)."""
     from ae_adapt import lora_io
 
     out, distributed = Path(out_dir), world()[1] > 1
     d1, d2, d3 = out / "1-align-embedder", out / "2-align-head", out / "3-lora"
     # the LoRA stage comes after hours of stages 1 and 2: a model without targets fails now
     targets = lora_io.check_targets(check_adaptable(model), preset.lora_targets)
+    if preset.cond_dropout > 0 and not null_cond:
+        raise PresetError(
+            f"the preset drops the conditioning with probability {preset.cond_dropout} (DC-Gen's text dropout) "
+            "but no null_cond was given: pass the negative-prompt embedding (build the cache with null_prompt=) "
+            "or override cond_dropout=0"
+        )
+    diffusion = {**preset.diffusion(), "null_cond": null_cond}
     lora = {
         "rank": preset.lora_rank,
         "alpha": preset.lora_alpha,
         "target_modules": targets,
-        "shift": preset.flow_shift,
+        **diffusion,
         "fingerprint": fingerprint,
     }
     if is_done(d1):
         model.replace_patch_embedder(in_channels, tuple(patch)).load_state_dict(load_file(str(d1 / EMBEDDER_FILE)))
     else:
-        align_embedder(model, data, preset.embedder, d1, in_channels=in_channels, patch=patch, fingerprint=fingerprint)
+        align_embedder(
+            model,
+            data,
+            preset.embedder,
+            d1,
+            in_channels=in_channels,
+            patch=patch,
+            align=preset.embedder_align,
+            fingerprint=fingerprint,
+        )
         if distributed:
             return False
     if is_done(d2):
@@ -315,7 +552,7 @@ def run_all(
             d2,
             out_channels=out_channels,
             patch=patch,
-            shift=preset.flow_shift,
+            **diffusion,
             fingerprint=fingerprint,
         )
         if distributed:

@@ -45,8 +45,11 @@ class TrainConfig:
     steps: int  # optimizer steps
     batch_size: int
     warmup_steps: int = 0
+    warmup_start_lr: float = 0.0  # warm-up starts here (DC-Gen's ConstantLRwithWarmup `warmup_lr`)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
+    # parameters whose name contains one of these get no weight decay (DC-Gen: "norm.weight", "bias")
+    no_decay_keys: tuple[str, ...] = ()
     grad_accum: int = 1
     max_grad_norm: float | None = None  # not given by the paper: no clipping by default
     bf16: bool = False  # autocast matmuls to bfloat16 (weights and AdamW state stay fp32)
@@ -63,10 +66,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "no_decay_keys", tuple(str(k) for k in self.no_decay_keys))
         for name in ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.warmup_start_lr < 0:
             raise ValueError(
                 f"lr must be > 0, warmup_steps and weight_decay >= 0; got {self.lr}, "
                 f"{self.warmup_steps}, {self.weight_decay}"
@@ -80,6 +84,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        d["no_decay_keys"] = list(self.no_decay_keys)
         return d
 
 
@@ -108,9 +113,11 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up from lr/warmup to lr over `warmup_steps`, then constant (Table 8)."""
+    """Linear warm-up over `warmup_steps` (step k: start + (lr - start)(k + 1)/warmup, start =
+    `warmup_start_lr`, DC-Gen's ConstantLRwithWarmup), then constant (Table 8)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        start = cfg.warmup_start_lr
+        return start + (cfg.lr - start) * (step + 1) / cfg.warmup_steps
     return cfg.lr
 
 
@@ -193,8 +200,7 @@ class Trainer:
         if self.sharded:
             fully_shard_task(task, fsdp_units)
         self.task = task
-        params = [p for p in task.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(param_groups(task, cfg), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.step = 0
         self.finished = False
         self.plateau = {"ema": None, "best": None, "bad": 0}
@@ -267,7 +273,10 @@ class Trainer:
         return True
 
     def _check_compatible(self, state: dict[str, Any], path: Path) -> None:
-        old, new = state["config"], self.cfg.to_dict()
+        # a field added after the checkpoint was written reads as its default
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+        defaults["no_decay_keys"] = []
+        old, new = {**defaults, **state["config"]}, self.cfg.to_dict()
         changed = [
             f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]
         ]
@@ -376,6 +385,17 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
 
+def param_groups(task: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: with weight decay, and without it for names
+    containing one of `cfg.no_decay_keys` (an empty group is left out)."""
+    decay, no_decay = [], []
+    for name, p in task.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(k in name for k in cfg.no_decay_keys) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def stack_batch(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack per-sample tensors; a key missing from one sample is missing from the batch."""
     keys = [k for k in samples[0] if all(k in s for s in samples)]
@@ -401,4 +421,4 @@ def read_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "init_distributed", "lr_at", "read_log", "world"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "init_distributed", "lr_at", "param_groups", "read_log", "world"]

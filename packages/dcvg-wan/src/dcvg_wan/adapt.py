@@ -6,11 +6,18 @@
 latent is new), timesteps are 1000 * sigma and the target is noise - x0 (Wan's flow matching).
 Replacing the embedder or the head updates `model.config` (in_dim / out_dim / patch), so the
 adapted model saves as a `dcvg-*` preset and loads with `WanModel.from_pretrained`.
+
+Initialisation as in NVIDIA's DC-Gen code (dc_ai/dc_adapt/models/wan_video.py,
+dc_ai/videogencore/models/wan_t2v.py `initialize_weights`, applications/dc_videogen/
+wan_t2v_assemble.py): the new embedder's weight is Xavier-uniform over [dim, in * prod(patch)],
+its bias U(+-1/sqrt(in * prod(patch))); the new head's projection starts at zero (weight and
+bias) with the base model's modulation.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ae_adapt import LatentCache, check_adaptable, get_preset, lora_io, run_all
-from ae_adapt.errors import ShapeError
+from ae_adapt.errors import CacheError, ShapeError
 from ae_adapt.flow import velocity_target
 from ae_adapt.trainer import world
 from dcvg_wan.model import Head, WanModel
@@ -41,6 +48,18 @@ LORA_TARGETS = (
     "ffn.0",
     "ffn.2",
 )
+# NVIDIA's DC-Gen default (`only_apply_lora_to_backbone=False` in WanT2V.lora_wrap): every Linear
+# of the model except the head, i.e. also the text/time embeddings and I2V's CLIP projection.
+LORA_TARGETS_ALL_LINEAR = LORA_TARGETS + (
+    "text_embedding.0",
+    "text_embedding.2",
+    "time_embedding.0",
+    "time_embedding.2",
+    "time_projection.1",
+    "img_emb.proj.1",
+    "img_emb.proj.3",
+)
+LORA_SCOPES = ("blocks", "all-linear")
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -63,11 +82,17 @@ class WanPatchEmbedder(nn.Module):
 
 
 class WanAdaptable(nn.Module):
-    """`ae_adapt.AdaptableDiT` over a WanModel (T2V or I2V)."""
+    """`ae_adapt.AdaptableDiT` over a WanModel (T2V or I2V). `lora_scope`: "blocks" (attention
+    and FFN Linears of every block, our default, which fits the paper's Figure 8 parameter
+    count) or "all-linear" (DC-Gen's code default: also the text/time embeddings and I2V's CLIP
+    projection)."""
 
-    def __init__(self, dit: WanModel):
+    def __init__(self, dit: WanModel, *, lora_scope: str = "blocks"):
         super().__init__()
+        if lora_scope not in LORA_SCOPES:
+            raise ValueError(f"lora_scope must be one of {LORA_SCOPES}, got {lora_scope!r}")
         self.dit = dit
+        self.lora_scope = lora_scope
 
     @property
     def config(self):
@@ -89,6 +114,10 @@ class WanAdaptable(nn.Module):
         old, cfg = self.dit.patch_embedding, self.dit.config
         patch = _patch(patch)
         conv = nn.Conv3d(in_channels, cfg.dim, kernel_size=patch, stride=patch)
+        with torch.no_grad():  # DC-Gen: Xavier over the flattened kernel, bias U(+-1/sqrt(fan_in))
+            nn.init.xavier_uniform_(conv.weight.view(cfg.dim, -1))
+            bound = 1 / math.sqrt(in_channels * math.prod(patch))
+            nn.init.uniform_(conv.bias, -bound, bound)
         self.dit.patch_embedding = conv.to(old.weight.device, old.weight.dtype)
         # until the head is replaced too, the model is only good for patch_embed (stage 1)
         self.dit.config = cfg.replace(in_dim=in_channels, patch=patch)
@@ -107,7 +136,9 @@ class WanAdaptable(nn.Module):
         old = self.dit.head
         new_cfg = cfg.replace(out_dim=out_channels)
         head = Head(new_cfg).to(old.head.weight.device)  # float32, like every Wan head (keeps_fp32)
-        with torch.no_grad():
+        with torch.no_grad():  # DC-Gen: zero projection, the base model's modulation
+            head.head.weight.zero_()
+            head.head.bias.zero_()
             head.modulation.copy_(old.modulation)
         self.dit.head = head
         self.dit.config = new_cfg
@@ -121,7 +152,10 @@ class WanAdaptable(nn.Module):
 
     # ---- optional hooks ---------------------------------------------------------------------
     def lora_target_modules(self) -> tuple[str, ...]:
-        return LORA_TARGETS if self.dit.config.image_dim is not None else LORA_TARGETS[:8] + LORA_TARGETS[10:]
+        targets = LORA_TARGETS_ALL_LINEAR if self.lora_scope == "all-linear" else LORA_TARGETS
+        if self.dit.config.image_dim is None:  # T2V: no image cross-attention, no CLIP projection
+            targets = tuple(t for t in targets if "_img" not in t and not t.startswith("img_emb."))
+        return targets
 
     def fsdp_units(self) -> list[nn.Module]:
         return list(self.dit.blocks)
@@ -162,6 +196,7 @@ def run_adapt(
     preset: str = "wan-14B",
     resolution_caches: Sequence[str | os.PathLike] = (),
     overrides: dict[str, Any] | None = None,
+    lora_scope: str = "blocks",
 ) -> WanModel | None:
     """All AE-Adapt-V stages for Wan on a latent cache (built with `ae_adapt.build_cache`), then
     `out_dir/model` (merged weights, `WanModel.from_pretrained`-loadable), `out_dir/adapter` (peft)
@@ -170,14 +205,23 @@ def run_adapt(
     stage finished writes the outputs and returns the adapted model.
 
     The new embedder takes `new_channels` (+ the I2V conditioning channels of the base model's
-    in_dim - out_dim: mask 4 + image latent) and the head predicts `new_channels`."""
+    in_dim - out_dim: mask 4 + image latent) and the head predicts `new_channels`. With the
+    preset's `cond_dropout` > 0 (the Wan presets: DC-Gen's 0.1) the cache must hold the null
+    (negative-prompt) embedding: `build_cache(..., null_prompt=)`, as `dcvg-wan adapt` does."""
     dit = WanModel.from_pretrained(model) if isinstance(model, (str, os.PathLike)) else model
-    wrapped = check_adaptable(WanAdaptable(dit))
+    wrapped = check_adaptable(WanAdaptable(dit, lora_scope=lora_scope))
     cond_channels = dit.config.in_dim - dit.config.out_dim
     in_channels = new_channels + (cond_channels and 4 + new_channels)
     cache = LatentCache(cache_dir, base_ae=base_ae, new_ae=new_ae, new_patch=patch)
     res = [LatentCache(d, base_ae=base_ae, new_ae=new_ae, new_patch=patch) for d in resolution_caches]
     cfg = get_preset(preset, **(overrides or {}))
+    null_cond = cache.null_cond()
+    if cfg.cond_dropout > 0 and null_cond is None:
+        raise CacheError(
+            f"{cache_dir} holds no null-prompt embedding, which the preset's text dropout "
+            f"(cond_dropout={cfg.cond_dropout}) trains on: rebuild the cache with `dcvg-wan adapt` (it stores "
+            "Wan's negative prompt) or build_cache(..., null_prompt=...), or override cond_dropout=0"
+        )
     finished = run_all(
         wrapped,
         cache,
@@ -187,6 +231,7 @@ def run_adapt(
         out_channels=new_channels,
         patch=patch,
         resolution_data=res,
+        null_cond=null_cond,
         fingerprint=cache.fingerprint(),
     )
     if not finished:  # under torchrun: one stage per launch

@@ -5,7 +5,8 @@
 
 1. Builds the paired-latent cache once (`OUT/cache`): every clip is encoded by the Wan VAE (the
    base model's latent space), by DC-AE-V (the new one) and by umT5; for I2V also the first
-   frame's conditioning in both spaces and its CLIP features. Then the encoders are freed.
+   frame's conditioning in both spaces and its CLIP features; and once the null prompt (the
+   negative prompt DC-Gen trains 10% of the samples on). Then the encoders are freed.
 2. Runs the three stages of `ae_adapt` (embedder alignment, head alignment, LoRA) with the Table 8
    preset, resumable: run the same command again after an interruption.
 3. Writes `OUT/model` (loads with `dcvg-wan generate --ae dcae-v --ckpt_dir ...` once the
@@ -31,6 +32,20 @@ from dcvg_wan.errors import InputError
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi")
 
+# The null text of DC-Gen's text dropout (dc_ai/videogencore/text_encoder.py
+# `get_null_embeddings`): Wan's negative prompt written with ASCII commas, "镜头晃动," before it for I2V.
+DCGEN_NULL_PROMPT = (
+    "色调艳丽,过曝,静态,细节模糊不清,字幕,风格,作品,画作,画面,静止,整体发灰,最差质量,低质量,JPEG压缩残留,"
+    "丑陋的,残缺的,多余的手指,画得不好的手部,画得不好的脸部,畸形的,毁容的,形态畸形的肢体,手指融合,"
+    "静止不动的画面,杂乱的背景,三条腿,背景人很多,倒着走"
+)
+DCGEN_I2V_NULL_PROMPT = "镜头晃动," + DCGEN_NULL_PROMPT
+
+
+def null_prompt(task: str) -> str:
+    """The prompt whose embedding replaces the text in DC-Gen's condition dropout for `task`."""
+    return DCGEN_I2V_NULL_PROMPT if task.startswith("i2v") else DCGEN_NULL_PROMPT
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt_dir", required=True, help="the base Wan-2.1 checkpoint folder (official or -Diffusers)")
@@ -45,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame_num", type=int, default=81, help="frames per clip (4n+1; DC-AE-V takes the first 4n)")
     p.add_argument("--preset", default=None, help="ae-adapt preset (default wan-1.3B for t2v-1.3B, else wan-14B)")
     p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument("--lora_scope", default="blocks", choices=("blocks", "all-linear"),
+                   help="Linear layers that get LoRA: the blocks' (default) or every one but the head "
+                        "(NVIDIA's DC-Gen code default)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="preset overrides, e.g. embedder.steps=100 lora_rank=64")
 
@@ -178,7 +196,8 @@ def run(args: argparse.Namespace, log=print):
     if (args.frame_num - 1) % 4 or args.frame_num < 5:
         raise InputError(f"--frame_num must be 4n+1 (>= 5) so that both autoencoders see the same clip, got {args.frame_num}")
     paths = locate_components(args.ckpt_dir, i2v=(args.task or "").startswith("i2v"), ae="wan-vae")
-    task = task_of(read_wan_config(paths.dit), args.task)
+    wan_config = read_wan_config(paths.dit)
+    task = task_of(wan_config, args.task)
     i2v = task.startswith("i2v")
     preset = args.preset or ("wan-1.3B" if task == "t2v-1.3B" else "wan-14B")
     overrides = _apply_overrides(preset, parse_overrides(args.set))
@@ -215,16 +234,19 @@ def run(args: argparse.Namespace, log=print):
             cache_dir,
             base_encode=lambda v: base.encode(to(v))[0],
             new_encode=lambda v: new.encode(to(v[:, : args.frame_num - 1]))[0],
-            text_encode=lambda prompt: text.encode([prompt])[0],
+            # the DiT takes at most text_len rows (Wan: 512, what umT5 encodes at most)
+            text_encode=lambda prompt: text.encode([prompt])[0][: wan_config.text_len],
             base_ae="wan-vae",
             new_ae=dcae_name,
             extra=extra,
             new_patch=(1, 1, 1),
+            null_prompt=null_prompt(task),
         )
         del vae, text, image_encoder, base, new
     model = WanModel.from_pretrained(paths.dit, device=device)
     result = run_adapt(model, cache_dir, out, base_ae="wan-vae", new_ae=dcae_name,
-                       new_channels=dcae.latent_channels, patch=(1, 1, 1), preset=preset, overrides=overrides)
+                       new_channels=dcae.latent_channels, patch=(1, 1, 1), preset=preset, overrides=overrides,
+                       lora_scope=getattr(args, "lora_scope", "blocks"))
     if result is None:
         log("this launch finished one stage (torchrun: one stage per launch); run the same command again")
         return None
