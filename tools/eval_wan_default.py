@@ -10,6 +10,9 @@ measure, on the decoded frames:
 * direction: the centroid of those pixels moves (first 4 vs last 4 frames) mostly along the
   captioned direction.
 
+`--wording paraphrase` asks in other words (seeded: synonyms, other word orders, "from the left"),
+read through the CLI's demo-prompt reader (dcvg_wan.demo_prompt) unless `--raw` passes them as typed.
+
 Chance levels: background 1/3, colour 1/8, direction 1/4. The same measures on real scenes
 (rendered by the captioned world) passed through the DC-AE-V give the ceiling the generator can
 reach with this autoencoder. Prints a table and writes JSON.
@@ -61,6 +64,25 @@ def measure(frames: np.ndarray) -> dict[str, str]:
             "direction": direction}
 
 
+SHAPE_WORDS = {"circle": ("circle", "ball", "disc", "dot"), "square": ("square", "box", "block", "cube"),
+               "triangle": ("triangle", "pyramid")}
+MOVE_WORDS = ("moves", "drifts", "slides", "travels", "is moving", "glides", "goes")
+DIRECTION_PHRASES = {"left": ("left", "to the left", "leftwards", "from the right"),
+                     "right": ("right", "to the right", "rightward", "from the left"),
+                     "up": ("up", "upward", "towards the top", "from the bottom"),
+                     "down": ("down", "downwards", "towards the bottom", "from the top")}
+BACKGROUND_WORDS = {"black": ("black",), "gray": ("gray", "grey"), "navy": ("navy",)}
+
+
+def paraphrase(color: str, shape: str, motion: str, background: str, rng: random.Random) -> str:
+    """The scene said in other words than the captions', in one of four sentence shapes."""
+    thing = f"{rng.choice(('a', 'the', 'one'))} {color} {rng.choice(SHAPE_WORDS[shape])}"
+    move = f"{rng.choice(MOVE_WORDS)} {rng.choice(DIRECTION_PHRASES[motion])}"
+    bg = f"{rng.choice(BACKGROUND_WORDS[background])} {rng.choice(('background', 'backdrop'))}"
+    return rng.choice((f"{thing} {move} on a {bg}", f"On a {bg}, {thing} {move}.",
+                       f"{thing.capitalize()} that {move} over a plain {bg}", f"{bg}: {thing} {move}"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=96, help="how many of the 288 scenes (seeded sample); 0 = all")
@@ -68,11 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--wording", choices=("caption", "paraphrase"), default="caption",
+                   help="ask with the training captions or in other words")
+    p.add_argument("--raw", action="store_true", help="paraphrases as typed, not read by the demo-prompt reader")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from dcae_v import DCAEV
     from dcae_v.io import to_uint8
+    from dcvg_wan.demo_prompt import demo_prompt
     from dcvg_wan.generate import embedded_default
     from dcvg_wan.latent_spaces import DCAEVSpace
     from dcvg_wan.model import WanModel
@@ -92,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     ae = pipe.space.model
     rows, start = [], time.time()
     for i, (color, shape, motion, background) in enumerate(scenes):
-        prompt = captioned.caption(color, shape, motion, background)
+        prompt = typed = captioned.caption(color, shape, motion, background)
+        if args.wording == "paraphrase":
+            typed = paraphrase(color, shape, motion, background, random.Random(args.seed * 100_003 + i))
+            prompt = typed if args.raw else demo_prompt(typed, paths.tokenizer).text
         out = pipe(prompt, size=defaults["size"], frame_num=defaults["frame_num"], steps=args.steps or defaults["steps"],
                    shift=defaults["shift"], guide_scale=defaults["guide_scale"], seed=args.seed + i, log=lambda _m: None)
         got = measure(to_uint8(out.video[None]).numpy())
@@ -112,12 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in real_ok.items():
             ceiling[k] += v
         ceiling["all"] += all(real_ok.values())
-        rows.append({"prompt": prompt, "measured": got, "ok": ok, "real_through_ae": real_got})
+        rows.append({"typed": typed, "prompt": prompt, "measured": got, "ok": ok, "real_through_ae": real_got})
     n = len(scenes)
     acc = {k: v / n for k, v in hits.items()}
     ceil = {k: v / n for k, v in ceiling.items()}
     chance = {"background": 1 / 3, "color": 1 / 8, "direction": 1 / 4, "all": 1 / 96}
-    print(f"t2v-tiny prompt following, {n} prompts, {time.time() - start:.0f} s")
+    wording = args.wording + (" (raw)" if args.raw and args.wording == "paraphrase" else "")
+    print(f"t2v-tiny prompt following, {n} prompts ({wording}), {time.time() - start:.0f} s")
     print("| attribute | t2v-tiny | real scenes through DC-AE-V | chance |\n|---|---|---|---|")
     for k in ("background", "color", "direction", "all"):
         print(f"| {k} | {acc[k]:.2f} | {ceil[k]:.2f} | {chance[k]:.2f} |")

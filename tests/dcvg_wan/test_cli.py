@@ -78,15 +78,17 @@ def test_generate_with_the_embedded_model(tmp_path, capsys):
 
 
 def test_demo_prompt_reads_case_and_punctuation_like_the_captions_and_names_unknown_words():
-    from dcvg_wan.generate import demo_prompt, embedded_default
+    from dcvg_wan.demo_prompt import demo_prompt
+    from dcvg_wan.generate import embedded_default
 
     paths, defaults = embedded_default()
     caption = defaults["example_prompt"]
-    assert demo_prompt(caption, paths.tokenizer)[:2] == (caption, [])
-    assert demo_prompt("A Red circle, moving RIGHT on a black background.", paths.tokenizer)[:2] == (caption, [])
-    used, dropped, vocabulary = demo_prompt("A cat chasing a red circle moving right", paths.tokenizer)
-    assert used == "a a red circle moving right" and dropped == ["cat", "chasing"]
-    assert {"red", "circle", "left", "background"} <= set(vocabulary) and "cat" not in vocabulary
+    assert demo_prompt(caption, paths.tokenizer).text == caption
+    read = demo_prompt("A Red circle, moving RIGHT on a black background.", paths.tokenizer)
+    assert (read.text, read.dropped, read.note()) == (caption, [], None)
+    read = demo_prompt("A cat chasing a red circle moving right", paths.tokenizer)
+    assert read.text == "a red circle moving right" and read.dropped == ["cat", "chasing"]
+    assert {"red", "circle", "left", "background"} <= set(read.vocabulary) and "cat" not in read.vocabulary
 
 
 def test_demo_model_runs_on_the_autoencoder_it_was_trained_with():
@@ -117,7 +119,7 @@ def test_generate_says_which_prompt_words_the_demo_model_drops(tmp_path, capsys)
     code, out, err = _run(capsys, "generate", "--prompt", "A cat walks past a red square", "--sample_steps", "1",
                           "--frame_num", "8", "--base_seed", "0", "--save_file", str(tmp_path / "v.mp4"))
     assert code == 0, err
-    assert "dropped from the prompt: cat, walks, past" in out and "prompt used: 'a a red square'" in out
+    assert "dropped cat, walks, past" in out and "prompt used: 'a red square'" in out
 
 
 def _frames(path) -> np.ndarray:

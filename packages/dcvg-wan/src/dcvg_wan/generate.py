@@ -55,23 +55,6 @@ def embedded_default() -> tuple[ComponentPaths, dict]:
     return paths, json.loads((root / "defaults.json").read_text())
 
 
-def demo_prompt(prompt: str, tokenizer_dir: Path) -> tuple[str, list[str], list[str]]:
-    """(the prompt in the demo model's words, the words dropped, its vocabulary). The demo model was trained
-    on captions over a vocabulary of ~20 words; any other word would reach it as <unk>, which it
-    never saw, so such words are dropped, and the CLI says which."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    vocab = {w for w in tokenizer.get_vocab() if not w.startswith("<")}
-    kept, dropped = [], []
-    for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(prompt)):
-        if word in vocab:
-            kept.append(word)
-        elif any(ch.isalnum() for ch in word):  # punctuation goes without a note
-            dropped.append(word)
-    return " ".join(kept), dropped, sorted(vocab)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The official generate.py flags (same names and defaults) plus ours."""
     p.add_argument("--task", default=None, choices=TASKS + (EMBEDDED,) + tuple(NOT_SUPPORTED),
@@ -89,15 +72,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output .mp4/.mov/.mkv (t2i: .png; default: an automatic name in the current directory)")
     p.add_argument("--prompt", default=None, help="the prompt (default: the official example prompt)")
     p.add_argument("--negative_prompt", default=None,
-                   help="default (as official, also when empty): the official negative prompt")
-    p.add_argument("--base_seed", type=int, default=-1, help="-1: random; else 0 .. 2**63-1")
+                   help="default (as official, also when empty): the official negative prompt; DC-VideoGen (dcae-v): "
+                        "NVIDIA's English VIDEO_NEGATIVE_PROMPT")
+    p.add_argument("--base_seed", type=int, default=None,
+                   help="-1: random; else 0 .. 2**63-1 (default -1; DC-VideoGen (dcae-v): 42, as NVIDIA's generate.py)")
     p.add_argument("--image", default=None, help="I2V: the first frame (any image PyAV reads)")
     p.add_argument("--sample_solver", default="unipc", choices=("unipc", "dpm++", "euler"))
-    p.add_argument("--sample_steps", type=int, default=None, help="default: 50 (T2V) / 40 (I2V); the demo model 30")
-    p.add_argument("--sample_shift", type=float, default=None, help="default: 5.0 (I2V 480p: 3.0); the demo model 3.0")
+    p.add_argument("--sample_steps", type=int, default=None, help="default: 50 (T2V) / 40 (I2V); DC-VideoGen 50; the demo model 30")
+    p.add_argument("--sample_shift", type=float, default=None, help="default: 5.0 (I2V 480p: 3.0); DC-VideoGen: the folder's "
+                   "scheduler/scheduler_config.json flow_shift, else 5.0; the demo model 3.0")
     p.add_argument("--sample_guide_scale", type=float, default=5.0)
     p.add_argument("--ae", default=None, choices=("wan-vae", "dcae-v"),
-                   help="latent space: wan-vae (base Wan-2.1) or dcae-v (DC-VideoGen); default wan-vae with --ckpt_dir")
+                   help="latent space: wan-vae (base Wan-2.1) or dcae-v (DC-VideoGen); default: dcae-v for a folder with "
+                        "NVIDIA's dc-ae-v-f32t4c32-1.0-bf16.pt and no Wan VAE, else wan-vae")
+    p.add_argument("--image_encoder", default=None,
+                   help="I2V: the CLIP image encoder (official .pth or a diffusers image_encoder/ folder), for folders "
+                        "without one (NVIDIA's DC-Gen I2V uses Wan-AI/Wan2.1-I2V-14B-720P-Diffusers/image_encoder)")
     p.add_argument("--dcae_ckpt", default=None, help="DC-AE-V checkpoint (.pt or folder) for --ae dcae-v; `default`: the one shipped with dcae-v")
     p.add_argument("--dit", default=None,
                    help="a DiT folder/file that replaces the one in --ckpt_dir (e.g. `dcvg-wan adapt`'s OUT/model)")
@@ -174,7 +164,10 @@ def _run(args: argparse.Namespace, log) -> Path | None:
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ]
     embedded = args.ckpt_dir is None
-    task = args.task or (EMBEDDED if embedded else "t2v-14B")
+    from dcvg_wan.components import default_autoencoder, folder_is_i2v
+
+    # NVIDIA's DC-Gen folders hold one task each: an I2V folder runs I2V without --task
+    task = args.task or (EMBEDDED if embedded else "i2v-14B" if folder_is_i2v(args.ckpt_dir) else "t2v-14B")
     defaults: dict = {}
     paths = None
     if task in NOT_SUPPORTED:
@@ -205,7 +198,7 @@ def _run(args: argparse.Namespace, log) -> Path | None:
     image = read_image(args.image) if i2v else None  # before the (slow) model loading: a typo fails fast
     if args.attention == "triton" and device.type != "cuda":
         log(f"note: --attention triton runs its kernels on CUDA; on {device.type} attention falls back to SDPA")
-    ae = args.ae or ("dcae-v" if embedded else "wan-vae")
+    ae = args.ae or ("dcae-v" if embedded else default_autoencoder(args.ckpt_dir))
     # official: offload on one GPU, not with several processes
     offload = args.offload_model if args.offload_model is not None else (device.type == "cuda" and world == 1)
     if offload and (args.dit_fsdp or args.t5_fsdp):
@@ -215,12 +208,13 @@ def _run(args: argparse.Namespace, log) -> Path | None:
         raise InputError("--t5_fsdp and --t5_cpu exclude each other: shard umT5 over the GPUs or run it on the CPU")
     pipe_cls = I2VPipeline if i2v else T2VPipeline
     start = time.perf_counter()
-    if args.dit is not None:
+    if args.dit is not None or args.image_encoder is not None:
         if embedded:
-            raise InputError("--dit replaces the DiT of a --ckpt_dir; pass --ckpt_dir too")
+            raise InputError("--dit/--image_encoder replace a component of a --ckpt_dir; pass --ckpt_dir too")
         from dcvg_wan.components import locate_components
 
-        paths = locate_components(args.ckpt_dir, i2v=i2v, ae=ae, dit=args.dit, dcae=args.dcae_ckpt)
+        paths = locate_components(args.ckpt_dir, i2v=i2v, ae=ae, dit=args.dit, dcae=args.dcae_ckpt,
+                                  image_encoder=args.image_encoder if i2v else None)
     pipe = pipe_cls.from_pretrained(
         args.ckpt_dir, task=None if embedded else task, ae=ae, dcae_ckpt=args.dcae_ckpt, device=device,
         dtype=dtype, offload_model=offload, t5_cpu=args.t5_cpu, attention=args.attention,
@@ -240,10 +234,12 @@ def _run(args: argparse.Namespace, log) -> Path | None:
     prompt = args.prompt if args.prompt is not None else (
         defaults.get("example_prompt") or EXAMPLE_PROMPT["i2v" if i2v else "t2i" if t2i else "t2v"])
     if embedded:
-        prompt, dropped, vocabulary = demo_prompt(prompt, paths.tokenizer)
-        if dropped:
-            log(f"note: the demo model knows only the words {', '.join(vocabulary)}; dropped from the prompt: "
-                f"{', '.join(dropped)}; prompt used: {prompt!r}")
+        from dcvg_wan.demo_prompt import demo_prompt
+
+        read = demo_prompt(prompt, paths.tokenizer)
+        prompt = read.text
+        if read.note():
+            log(read.note())
     size = args.size or defaults.get("size") or ("832*480" if task == "t2v-1.3B" else "1280*720")
     common = {
         "size": size,
@@ -252,7 +248,7 @@ def _run(args: argparse.Namespace, log) -> Path | None:
         "shift": args.sample_shift if args.sample_shift is not None else defaults.get("shift"),
         "guide_scale": args.sample_guide_scale,
         "solver": args.sample_solver,
-        "seed": _shared_seed(args.base_seed, world),
+        "seed": _shared_seed(default_seed(args.base_seed, ae, embedded), world),
         "negative_prompt": args.negative_prompt or "",
         "progress": rank == 0,
         "log": log,
@@ -289,7 +285,7 @@ def check_arguments(args: argparse.Namespace, t2i: bool) -> None:
             raise InputError(f"{flag} must be a positive integer, got {value}")
     if args.sample_shift is not None and not args.sample_shift > 0:
         raise InputError(f"--sample_shift must be positive, got {args.sample_shift}")
-    if not -1 <= args.base_seed < 2**63:
+    if args.base_seed is not None and not -1 <= args.base_seed < 2**63:
         raise InputError(f"--base_seed must be -1 (random) or in 0 .. 2**63-1, got {args.base_seed}")
     if args.size is not None:
         parse_size(args.size)
@@ -352,6 +348,15 @@ def _init_distributed(args: argparse.Namespace, device: torch.device) -> tuple[i
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def default_seed(seed: int | None, ae: str, embedded: bool) -> int:
+    """--base_seed left out: 42 for a DC-VideoGen checkpoint (NVIDIA's generate.py), else -1 (random, official)."""
+    if seed is not None:
+        return seed
+    from dcvg_wan.sampling import DCVG_SEED
+
+    return DCVG_SEED if ae == "dcae-v" and not embedded else -1
 
 
 def _shared_seed(seed: int, world: int) -> int:

@@ -9,6 +9,12 @@ Official behaviour reproduced (`wan/modules/clip.py` `CLIPModel.visual`): images
 resized with bicubic interpolation to exactly 224 x 224 (squashed, not cropped), mapped to [0, 1],
 normalised with the CLIP mean/std, and the features are the tokens after all blocks but the last
 (`use_31_block=True`), without the post-norm: [B, 257, 1280].
+
+NVIDIA's DC-VideoGen I2V (DC-Gen `pipeline_dc_videogen.py`) preprocesses otherwise, and
+`preprocessing="center-crop"` reproduces it: transformers' `CLIPImageProcessor` with
+`size={"shortest_edge": 224}`, `crop_size` 224 x 224, bicubic (resample=3), i.e. the 8-bit image
+resized so that its shorter edge is 224 (the longer one int(224 * long / short)), then the central
+224 x 224, then /255 and the CLIP mean/std.
 """
 
 from __future__ import annotations
@@ -304,6 +310,43 @@ def _as_signed(image: Any) -> torch.Tensor:
     return x
 
 
+PREPROCESSING = ("wan", "center-crop")
+
+
+def _as_uint8(image: Any) -> torch.Tensor:
+    """One image -> uint8 [1, 3, H, W] (tensors in [-1, 1] are rounded to the nearest 8-bit level)."""
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+        x = image if image.ndim == 4 else image.unsqueeze(0)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise InputError(f"expected uint8 image tensors [3, H, W] or [B, 3, H, W], got shape {tuple(image.shape)}")
+        return x.cpu()
+    signed = _as_signed(image)
+    return ((signed.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def preprocess_center_crop(images: Any, size: int) -> torch.Tensor:
+    """Images -> normalised [B, 3, size, size] float32 as transformers' `CLIPImageProcessor`
+    configured by NVIDIA (shortest edge `size`, PIL bicubic, center crop `size`, /255, CLIP mean/std)."""
+    from dcvg_wan.pil_resize import pil_resize
+
+    items = list(images) if isinstance(images, list | tuple) else [images]
+    out = []
+    for im in items:
+        for x in _as_uint8(im):
+            h, w = x.shape[-2:]
+            short, long = (w, h) if w <= h else (h, w)
+            new_long = int(size * long / short)
+            new_h, new_w = (new_long, size) if w <= h else (size, new_long)
+            if (new_h, new_w) != (h, w):
+                x = pil_resize(x, new_h, new_w)
+            top, left = (new_h - size) // 2, (new_w - size) // 2
+            out.append(x[:, top : top + size, left : left + size].float() / 255)
+    x = torch.stack(out)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def preprocess(images: Any, size: int) -> torch.Tensor:
     """Images -> normalised [B, 3, size, size] float32: bicubic squash to size x size (each image on
     its own, as official), [-1, 1] -> [0, 1], CLIP mean/std."""
@@ -319,8 +362,13 @@ def preprocess(images: Any, size: int) -> torch.Tensor:
 class ImageEncoder:
     """Images -> CLIP features [B, num_tokens, width] from the penultimate block (Wan I2V `clip_fea`)."""
 
-    def __init__(self, model: CLIPVisionModelWithProjection):
+    def __init__(self, model: CLIPVisionModelWithProjection, *, preprocessing: str = "wan"):
+        """preprocessing: "wan" (official Wan2.1: squash to 224 x 224) or "center-crop" (NVIDIA's
+        DC-VideoGen I2V: shortest edge 224, then the central 224 x 224)."""
+        if preprocessing not in PREPROCESSING:
+            raise InputError(f"unknown CLIP preprocessing {preprocessing!r}; choose one of {', '.join(PREPROCESSING)}")
         self.model = model
+        self.preprocessing = preprocessing
         self.config = ImageEncoderConfig.from_hf(
             model.config, with_projection=isinstance(model.visual_projection, torch.nn.Linear)
         )
@@ -333,10 +381,11 @@ class ImageEncoder:
         config: ImageEncoderConfig | str | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        preprocessing: str = "wan",
     ) -> ImageEncoder:
         """path: official .pth, transformers/diffusers directory, or a Wan/diffusers checkpoint root.
-        dtype: cast while loading (default: as stored)."""
-        return cls(load_image_model(path, config=config, dtype=dtype, device=device))
+        dtype: cast while loading (default: as stored). preprocessing: see `__init__`."""
+        return cls(load_image_model(path, config=config, dtype=dtype, device=device), preprocessing=preprocessing)
 
     @property
     def device(self) -> torch.device:
@@ -351,6 +400,8 @@ class ImageEncoder:
         return self
 
     def preprocess(self, images: Any) -> torch.Tensor:
+        if self.preprocessing == "center-crop":
+            return preprocess_center_crop(images, self.config.image_size)
         return preprocess(images, self.config.image_size)
 
     @torch.no_grad()

@@ -5,6 +5,12 @@
 * `DCAEVSpace`: DC-VideoGen's DC-AE-V (f32t4c32, latents x scaling_factor, frames multiples of
   4, patch 1x1x1, pixel sizes multiples of 32).
 
+I2V prepares the image as the reference of each space does: the Wan VAE as the official Wan2.1
+code (size floored to the latent grid, the image resized in float with bicubic, no antialias);
+DC-AE-V as NVIDIA's DC-Gen inference demo (`generate.py`/`pipeline_dc_videogen_wan_i2v.py`): the
+size rounded to the nearest pixel before flooring to the grid, the image resized as PIL's default
+`Image.resize` (antialiased bicubic to 8-bit pixels) and that resized image also fed to CLIP.
+
 Both give the I2V conditioning `y` = concat(mask 4 channels, conditioning latent). For the Wan VAE
 that is the official one (the image followed by F-1 black frames); for DC-AE-V it is the paper's
 image-chunk conditioning (section 3.4): the image replicated 4x to fill the first temporal group,
@@ -85,6 +91,13 @@ class LatentSpace:
         rounded = self.round_size(frames, lat_h * stride, lat_w * stride)
         return rounded
 
+    def prepare_image(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The first frame at the generation size, as the reference pipeline of this space resizes it."""
+        return resize_image(image, height, width)
+
+    # whether CLIP sees the resized image (NVIDIA) or the image as given (official Wan)
+    clip_sees_resized = False
+
     def latent_shape(self, r: Rounded) -> tuple[int, int, int, int]:
         return (self.channels, self.latent_frames(r.frames), r.height // self.spatial, r.width // self.spatial)
 
@@ -152,8 +165,24 @@ class DCAEVSpace(LatentSpace):
         self.frames_per_tile = frames_per_tile
         self.tile_size = tile_size  # spatial tiles in pixels (DCAEV.encode/decode tile_size)
 
+    clip_sees_resized = True
+
     def valid_frames(self, frames: int) -> int:
         return max(self.temporal, frames // self.temporal * self.temporal)
+
+    def area_size(self, frames: int, max_area: int, aspect: float) -> Rounded:
+        """I2V, as NVIDIA's generate.py: h = round(sqrt(area * aspect)) // m * m (w likewise) with
+        m = stride x patch; the official Wan rule floors sqrt() first, which can lose one step of m
+        (sqrt = 703.8 -> 672 instead of 704)."""
+        m = self.pixel_multiple
+        h = round(math.sqrt(max_area * aspect)) // m * m
+        w = round(math.sqrt(max_area / aspect)) // m * m
+        if h < m or w < m:
+            raise InputError(f"the area {max_area} is too small for an image of aspect h/w={aspect:.3f}")
+        return self.round_size(frames, h, w)
+
+    def prepare_image(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return resize_image_8bit(image, height, width)
 
     def latent_frames(self, frames: int) -> int:
         return frames // self.temporal
@@ -161,10 +190,10 @@ class DCAEVSpace(LatentSpace):
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         z = self.model.encode(video.to(self.model.dtype), frames_per_tile=self.frames_per_tile,
                               tile_size=self.tile_size)
-        return z.float() * self.model.scaling_factor
+        return (z * self.model.scaling_factor).float()  # scaled in the model dtype, as NVIDIA (bf16)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        z = (latent / self.model.scaling_factor).to(self.model.dtype)
+        z = latent.to(self.model.dtype) / self.model.scaling_factor  # cast first, as NVIDIA
         return self.model.decode(z, frames_per_tile=self.frames_per_tile,
                                  tile_size=self.tile_size).float().clamp(-1, 1)
 
@@ -176,3 +205,15 @@ def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[B, 3, h, w] in [-1, 1] -> [B, 3, height, width], bicubic as the official I2V (no crop, and
     no clamp of the bicubic overshoot, as official)."""
     return F.interpolate(image.float(), size=(height, width), mode="bicubic", align_corners=False)
+
+
+def resize_image_8bit(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, 3, h, w] in [-1, 1] -> [B, 3, height, width] in [-1, 1] holding 8-bit values: what
+    NVIDIA's I2V gets from PIL's `Image.resize((w, h))` (bicubic, antialiased when shrinking) and
+    diffusers' `x / 255 * 2 - 1` (see `dcvg_wan.pil_resize`)."""
+    from dcvg_wan.pil_resize import pil_resize
+
+    pixels = ((image.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if pixels.shape[-2:] != (height, width):
+        pixels = pil_resize(pixels, height, width)
+    return (pixels.float() / 255 * 2 - 1).to(image.device)

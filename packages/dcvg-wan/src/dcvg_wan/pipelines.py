@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dcvg_wan.components import ComponentPaths, locate_components
+from dcvg_wan.components import ComponentPaths, default_autoencoder, locate_components
 from dcvg_wan.cost import parse_size
 from dcvg_wan.errors import CheckpointError, InputError
 from dcvg_wan.latent_spaces import (
@@ -27,16 +27,17 @@ from dcvg_wan.latent_spaces import (
     LatentSpace,
     Rounded,
     WanVAESpace,
-    resize_image,
 )
 from dcvg_wan.model import WanModel
 from dcvg_wan.sampling import (
+    dcvg_defaults,
     make_noise,
     resolve_seed,
     sample,
     sample_defaults,
     wan_denoiser,
 )
+from dcvg_wan.scheduler_config import SchedulerSettings, read_scheduler_config
 
 FPS = 16  # Wan-2.1 generates at 16 fps
 DCAEV_TILE = 256  # vae_tiling's DC-AE-V spatial tile, pixels (the Wan VAE tiles take diffusers' defaults)
@@ -125,11 +126,17 @@ class WanPipeline:
         t5_cpu: bool = False,
         default_negative_prompt: str | None = None,
         sequence_parallel: bool = False,
+        scheduler: SchedulerSettings | None = None,
     ):
         """default_negative_prompt: used when a call gives none (None: the official one of the task).
         sequence_parallel: run the DiT with Ulysses over the default process group (all ranks call
-        the pipeline with the same arguments and seed)."""
+        the pipeline with the same arguments and seed). scheduler: a DC-VideoGen folder's
+        scheduler_config.json (its flow_shift is the default shift).
+
+        On DC-AE-V the defaults are NVIDIA's DC-VideoGen ones (`sampling.dcvg_defaults`), on the Wan
+        VAE the official task's."""
         self.default_negative_prompt = default_negative_prompt
+        self.scheduler = scheduler
         self.sequence_parallel = sequence_parallel
         self.dit, self.space, self.text_encoder, self.image_encoder = dit, space, text_encoder, image_encoder
         self.task = task or (dit.preset_names[0] if dit.preset_names else ("i2v-14B" if self.i2v else "t2v-14B"))
@@ -147,7 +154,7 @@ class WanPipeline:
         ckpt_dir: str | os.PathLike | None,
         *,
         task: str | None = None,
-        ae: str = "wan-vae",
+        ae: str | None = None,
         dcae_ckpt: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.bfloat16,
@@ -162,7 +169,10 @@ class WanPipeline:
         log: Callable[[str], None] | None = None,
     ) -> WanPipeline:
         """Load every component from a checkpoint folder (official, diffusers or NVIDIA's
-        DC-VideoGen release; see `dcvg_wan.components`). The DiT and text encoder are cast to
+        DC-VideoGen release; see `dcvg_wan.components`). `ae` None: DC-AE-V for a folder with
+        NVIDIA's DC-AE-V file and no Wan VAE, else the Wan VAE (with `paths=`: DC-AE-V when
+        paths.vae is None). On DC-AE-V, CLIP preprocesses as NVIDIA's I2V (shortest edge + center
+        crop) and the folder's scheduler_config.json gives the default shift. The DiT and text encoder are cast to
         `dtype` (official: bf16); the autoencoders and CLIP stay in float32. `vae_tiling`: the
         autoencoder works in overlapping 256-pixel spatial tiles (the Wan VAE exactly as diffusers'
         `vae.enable_tiling()`; DC-AE-V with its own blended tiles): less memory, slightly other pixels."""
@@ -176,9 +186,14 @@ class WanPipeline:
                 "model runs with `dcvg-wan generate` (no --ckpt_dir), or in Python: paths, defaults = "
                 "dcvg_wan.generate.embedded_default(); T2VPipeline.from_pretrained(None, paths=paths, ae='dcae-v', "
                 "dtype=torch.float32), then pass defaults' size, frame_num, steps and shift to the call")
+        if ae is None:
+            ae = ("wan-vae" if paths.vae is not None else "dcae-v") if paths is not None else default_autoencoder(ckpt_dir)
         paths = paths or locate_components(ckpt_dir, i2v=cls.i2v, ae=ae, dcae=dcae_ckpt)
         say = log or (lambda _msg: None)
-        say(f"loading components:\n{paths.describe()}")
+        say(f"loading components ({ae}):\n{paths.describe()}")
+        scheduler = read_scheduler_config(paths.scheduler) if ae == "dcae-v" and paths.scheduler else None
+        for note in scheduler.notes if scheduler else ():
+            say(f"note: {note}")
         home = "cpu" if offload_model else device
         dit = WanModel.from_pretrained(paths.dit, dtype=dtype, device=home).set_attention_backend(attention)
         if ae == "wan-vae":
@@ -198,10 +213,11 @@ class WanPipeline:
             paths.text_encoder, tokenizer_dir=paths.tokenizer, dtype=dtype, device="cpu" if t5_cpu else home,
             text_len=dit.config.text_len,  # prompts longer than the DiT reads are truncated with a warning
         )
-        image = ImageEncoder.from_pretrained(paths.image_encoder, device=home) if cls.i2v else None
+        clip_prep = "center-crop" if ae == "dcae-v" else "wan"  # NVIDIA's CLIPImageProcessor vs official Wan
+        image = ImageEncoder.from_pretrained(paths.image_encoder, device=home, preprocessing=clip_prep) if cls.i2v else None
         return cls(
             dit, space, text, image, task=task, device=device, offload_model=offload_model, t5_cpu=t5_cpu,
-            default_negative_prompt=default_negative_prompt, sequence_parallel=sequence_parallel,
+            default_negative_prompt=default_negative_prompt, sequence_parallel=sequence_parallel, scheduler=scheduler,
         )
 
     # ---- stages --------------------------------------------------------------------------------
@@ -242,8 +258,23 @@ class WanPipeline:
         with self._stage("decode", self.space.model), torch.no_grad():
             return self.space.decode(latent.float())
 
+    @property
+    def dcvg(self) -> bool:
+        """DC-VideoGen (DC-AE-V latents): NVIDIA's defaults and I2V preparation apply."""
+        return isinstance(self.space, DCAEVSpace)
+
+    def defaults(self, size: str | None = None):
+        """The SampleDefaults a call falls back on (NVIDIA's on DC-AE-V, the official task's otherwise)."""
+        if self.dcvg:
+            return dcvg_defaults(self.i2v, self.scheduler.shift if self.scheduler else None)
+        return _defaults(self.task, size or "832*480", self.i2v)
+
+    def _size(self, size: str | None) -> str:
+        """A call's size; None: 1280*720 on DC-AE-V (NVIDIA), else 832*480 (this API's default)."""
+        return size if size is not None else (self.defaults().size if self.dcvg else "832*480")
+
     def _settings(self, size, steps, shift, guide_scale, solver, negative_prompt):
-        defaults = _defaults(self.task, size, self.i2v)
+        defaults = self.defaults(size)
         return (
             steps if steps is not None else defaults.steps,
             shift if shift is not None else defaults.shift,
@@ -278,7 +309,7 @@ class T2VPipeline(WanPipeline):
         self,
         prompt: str,
         *,
-        size: str = "832*480",
+        size: str | None = None,
         frame_num: int = 81,
         steps: int | None = None,
         shift: float | None = None,
@@ -290,6 +321,7 @@ class T2VPipeline(WanPipeline):
         log: Callable[[str], None] | None = None,
     ) -> Generation:
         self.timings = {}
+        size = self._size(size)
         settings = self._settings(size, steps, shift, guide_scale, solver, negative_prompt)
         width, height = parse_size(size)
         rounded = self.space.round_size(frame_num, height, width)
@@ -306,7 +338,7 @@ class I2VPipeline(WanPipeline):
         prompt: str,
         image: torch.Tensor,
         *,
-        size: str = "832*480",
+        size: str | None = None,
         frame_num: int = 81,
         steps: int | None = None,
         shift: float | None = None,
@@ -317,18 +349,22 @@ class I2VPipeline(WanPipeline):
         progress: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> Generation:
-        """image: [3, H, W] or [1, 3, H, W] float in [-1, 1]."""
+        """image: [3, H, W] or [1, 3, H, W] float in [-1, 1]. size (None: the default) is a maximum
+        area. The image is resized to the generation size as the space's reference does (official
+        Wan: float bicubic; DC-AE-V: NVIDIA's 8-bit PIL-style resize, which CLIP then sees too)."""
         self.timings = {}
         image = _check_image(image)
+        size = self._size(size)
         settings = self._settings(size, steps, shift, guide_scale, solver, negative_prompt)
         width, height = parse_size(size)
         rounded = self.space.area_size(frame_num, width * height, image.shape[-2] / image.shape[-1])
 
         def condition():
+            resized = self.space.prepare_image(image.to(self.device), rounded.height, rounded.width)
             with self._stage("image_encoder", self.image_encoder):
-                clip_fea = self.image_encoder.encode(image.to(self.device)).to(self.device)
+                clip_in = resized if self.space.clip_sees_resized else image.to(self.device)
+                clip_fea = self.image_encoder.encode(clip_in).to(self.device)
             with self._stage("condition", self.space.model), torch.no_grad():
-                resized = resize_image(image.to(self.device), rounded.height, rounded.width)
                 return clip_fea, self.space.image_condition(resized, rounded.frames)
 
         return self._generate(prompt, rounded, seed, settings, log, progress, condition)
@@ -341,7 +377,8 @@ def check_compatible(dit: WanModel, space: LatentSpace, *, i2v: bool) -> None:
     expected_in = 2 * c + 4 if i2v else c
     if cfg.out_dim != c or cfg.in_dim != expected_in:
         hint = (
-            "a DC-VideoGen DiT (NVIDIA's transformer_t2v/ or transformer_i2v/, or `dcvg-wan adapt` output) with --ae dcae-v"
+            "a DC-VideoGen DiT (NVIDIA's DC-Gen transformer/ or transformer_t2v/ / transformer_i2v/, or `dcvg-wan "
+            "adapt` output) with --ae dcae-v"
             if space.name == "wan-vae"
             else "a Wan-VAE DiT with --ae wan-vae, or a DiT adapted to this DC-AE-V (`dcvg-wan adapt`)"
         )

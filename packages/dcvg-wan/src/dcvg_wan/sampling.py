@@ -11,6 +11,7 @@ runs on a toy function in tests and on `WanModel` in pipelines.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -30,6 +31,21 @@ NEGATIVE_PROMPT = (
     "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 _NEG_PREFIX = {"i2v-14B": "镜头晃动，", "flf2v-14B": "镜头切换，"}
+
+# NVIDIA's DC-Gen inference demo (applications/dc_gen/inference_demo/generate.py VIDEO_NEGATIVE_PROMPT):
+# the English wording of the official prompt, the same for T2V and I2V (no "camera shake" prefix).
+VIDEO_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
+    "static, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, "
+    "extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, "
+    "fused fingers, still picture, messy background, three legs, many people in the background, "
+    "walking backwards"
+)
+# NVIDIA's training code (dc_ai/videogencore WanT2VConfig / WanI2VConfig flow_shift) samples with
+# shift 5.0 for both tasks; their release folders carry the shift in scheduler/scheduler_config.json,
+# which wins when present.
+DCVG_FLOW_SHIFT = 5.0
+DCVG_SEED = 42  # NVIDIA's generate.py default seed
 
 # wan/configs/__init__.py SUPPORTED_SIZES (W*H strings; I2V/FLF2V read them as a maximum area).
 _SIZES_480 = ("480*832", "832*480")
@@ -72,12 +88,32 @@ def official_task(task: str) -> str:
     return name
 
 
+def dcvg_defaults(i2v: bool, shift: float | None = None) -> SampleDefaults:
+    """NVIDIA's DC-VideoGen defaults (DC-Gen inference_demo/generate.py): 1280*720 (I2V: that area
+    at the image's aspect), 81 frames (80 after DC-AE-V's rounding), 50 steps for T2V and I2V,
+    guidance 5.0, the English VIDEO_NEGATIVE_PROMPT, 16 fps; `shift` from the release's
+    scheduler_config.json, else DCVG_FLOW_SHIFT."""
+    return SampleDefaults(
+        task="dcvg-i2v-14B" if i2v else "dcvg-t2v-14B",
+        size=DEFAULT_SIZE,
+        steps=50,
+        shift=DCVG_FLOW_SHIFT if shift is None else float(shift),
+        negative_prompt=VIDEO_NEGATIVE_PROMPT,
+    )
+
+
 def sample_defaults(task: str, size: str | None = None) -> SampleDefaults:
     """Official defaults for a task and W*H size: steps 50 (I2V 40), shift 5.0 (I2V at 480p 3.0,
     FLF2V/VACE 16), guide 5.0, 81 frames (T2I 1). A size left out is 832*480 for our "-480p"
     presets and the 1.3B models, else generate.py's 1280*720. DC-VideoGen presets ("dcvg-...")
-    get the defaults of their base task (NVIDIA's scheduler config is not established)."""
+    get NVIDIA's defaults (`dcvg_defaults`; the size is checked against the base task's list)."""
     name = official_task(task)
+    if task.startswith("dcvg-"):
+        size = size or DEFAULT_SIZE
+        if size not in SUPPORTED_SIZES[name]:
+            raise InputError(f"unsupported size {size!r} for task {task}; supported sizes: "
+                             f"{', '.join(SUPPORTED_SIZES[name])}")
+        return dataclasses.replace(dcvg_defaults("i2v" in name), size=size)
     if size is None:
         size = "832*480" if task.endswith("-480p") or DEFAULT_SIZE not in SUPPORTED_SIZES[name] else DEFAULT_SIZE
     if size not in SUPPORTED_SIZES[name]:

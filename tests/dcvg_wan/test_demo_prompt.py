@@ -1,0 +1,69 @@
+"""The demo model's prompt reader: captions pass unchanged, other wordings of a scene come out as
+that scene's caption (the captioned world's own caption function is the reference), and every
+change is reported."""
+
+import itertools
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcvg_wan.demo_prompt import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, demo_prompt
+from dcvg_wan.generate import embedded_default
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools" / "world"))
+sys.path.insert(0, str(ROOT / "tools"))
+import captioned
+import eval_wan_default
+
+SCENES = list(itertools.product(captioned.COLORS, captioned.SHAPES, captioned.MOTIONS, captioned.BACKGROUNDS))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return embedded_default()[0].tokenizer
+
+
+def test_the_reader_knows_the_captioned_worlds_grammar(tokenizer):
+    assert (COLORS, SHAPES, DIRECTIONS, BACKGROUNDS) == (
+        tuple(captioned.COLORS), captioned.SHAPES, tuple(captioned.MOTIONS), tuple(captioned.BACKGROUNDS))
+    assert set(captioned.vocabulary()) == set(demo_prompt("", tokenizer).vocabulary)
+
+
+def test_every_training_caption_passes_unchanged_and_without_a_note(tokenizer):
+    for scene in SCENES:
+        read = demo_prompt(captioned.caption(*scene), tokenizer)
+        assert (read.text, read.note()) == (captioned.caption(*scene), None)
+
+
+def test_other_wordings_of_a_scene_read_as_its_caption(tokenizer):
+    for i, scene in enumerate(SCENES):
+        typed = eval_wan_default.paraphrase(*scene, random.Random(i))
+        read = demo_prompt(typed, tokenizer)
+        assert read.text == captioned.caption(*scene), typed
+        assert read.text != typed and read.note() is not None and read.text in read.note()
+
+
+@pytest.mark.parametrize("typed, caption", [
+    ("A small blue square drifts to the left over a grey backdrop", "a blue square moving left on a gray background"),
+    ("On a navy background, a yellow ball rolls from left to right", "a yellow circle moving right on a navy background"),
+    ("a purple cube moving from the top", "a purple square moving down"),
+    ("Cyan disc, downward, black bg", "a cyan circle moving down on a black background"),
+    ("a white circle moving left on gray", "a white circle moving left on a gray background"),
+])
+def test_hand_written_wordings(tokenizer, typed, caption):
+    assert demo_prompt(typed, tokenizer).text == caption
+
+
+def test_what_cannot_be_drawn_is_reported_not_lost(tokenizer):
+    read = demo_prompt("a red circle and a blue square chasing a cat leftwards", tokenizer)
+    assert read.text == "a red circle moving left"
+    assert read.unused == ["blue", "square"] and read.dropped == ["chasing", "cat"]
+    assert read.substituted == [("leftwards", "left")]
+    note = read.note()
+    assert all(w in note for w in ("blue", "square", "chasing", "cat", "'leftwards' as 'left'", repr(read.text)))
+    # nothing the demo knows: its known words are kept in the user's order, the rest named
+    read = demo_prompt("a dog in a park", tokenizer)
+    assert read.text == "a a" and read.dropped == ["dog", "park"]
