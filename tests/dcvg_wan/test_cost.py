@@ -106,8 +106,26 @@ def test_latent_grid_and_sizes():
     assert parse_size("832*480") == (832, 480) and parse_size("720p") == STANDARD_SIZES["720p"]
     with pytest.raises(InputError, match="W\\*H"):
         parse_size("big")
-    with pytest.raises(InputError, match="too small"):
-        latent_grid("dcae-v", 16, 16, 81, (1, 1, 1))
+    with pytest.raises(InputError, match="positive"):
+        latent_grid("dcae-v", 16, 16, 0, (1, 1, 1))
+
+
+@pytest.mark.parametrize("ae, patch", [("wan-vae", (1, 2, 2)), ("dcae-v", (1, 1, 1))])
+@pytest.mark.parametrize("frames, width, height", [(81, 832, 480), (1, 16, 16), (3, 40, 33), (17, 1280, 720), (2, 8, 900)])
+def test_latent_grid_is_what_the_pipelines_generate(ae, patch, frames, width, height):
+    """`cost` counts the video `generate` makes: the pipelines' own rounding (latent_spaces) is the reference."""
+    from types import SimpleNamespace
+
+    from dcvg_wan.latent_spaces import DCAEVSpace, WanVAESpace
+    from dcvg_wan.latent_spaces import LatentSpace as LatentSpaceBase
+
+    model = SimpleNamespace(latent_channels=16 if ae == "wan-vae" else 32, config=SimpleNamespace(chunk_size=None))
+    space = WanVAESpace.__new__(WanVAESpace) if ae == "wan-vae" else DCAEVSpace.__new__(DCAEVSpace)
+    LatentSpaceBase.__init__(space, model, patch)
+    r = space.round_size(frames, height, width)
+    grid = latent_grid(ae, width, height, frames, patch)
+    assert grid == (space.latent_frames(r.frames), r.height // space.spatial, r.width // space.spatial)
+    assert step_cost(get_preset("t2v-1.3B" if ae == "wan-vae" else "dcvg-t2v-14B"), ae, width, height, frames).frames == r.frames
     with pytest.raises(InputError, match="unknown task 'x'.*t2v-1.3B"):
         cost_table("x")
 

@@ -34,8 +34,8 @@ class LatentSpace:
         return frame_num // self.temporal
 
     def pixel_frames(self, frame_num: int) -> int:
-        """Frames actually generated for a request of `frame_num` (rounded down)."""
-        t = self.latent_frames(frame_num)
+        """Frames actually generated for a request of `frame_num` (rounded down, at least one latent frame)."""
+        t = max(1, self.latent_frames(frame_num))
         return 1 + self.temporal * (t - 1) if self.causal else self.temporal * t
 
 
@@ -80,14 +80,17 @@ def base_task(task: str) -> str:
 
 # ---- counting -----------------------------------------------------------------------------------
 def latent_grid(ae: str, width: int, height: int, frame_num: int, patch: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Latent (frames, height, width) for a video, each spatial side rounded down to a multiple of
-    the autoencoder's stride times the patch (what a pipeline must generate)."""
+    """Latent (frames, height, width) for a video as the pipelines round it: each spatial side down
+    to a multiple of the autoencoder's stride times the patch, frames down to the autoencoder's
+    rule, and up to one latent frame / one patch where less than that was asked."""
+    if frame_num < 1 or width < 1 or height < 1:
+        raise InputError(f"frame_num and size must be positive, got {frame_num} frames of {width}x{height}")
     space = LATENT_SPACES[ae]
-    t = space.latent_frames(frame_num)
-    h = height // (space.spatial * patch[1]) * patch[1]
-    w = width // (space.spatial * patch[2]) * patch[2]
-    if t < 1 or h < 1 or w < 1 or t % patch[0]:
-        raise InputError(f"{width}x{height}, {frame_num} frames is too small for {space.name} with patch {patch}")
+    t = max(1, space.latent_frames(frame_num))
+    h = max(1, height // (space.spatial * patch[1])) * patch[1]
+    w = max(1, width // (space.spatial * patch[2])) * patch[2]
+    if t % patch[0]:
+        raise InputError(f"{frame_num} frames give {t} latent frames, not a multiple of the temporal patch {patch[0]}")
     return t, h, w
 
 
