@@ -330,6 +330,7 @@ def test_cli_runs_nvidias_t2v_folder_without_flags_with_seed_42(tmp_path, capsys
     log, err = capsys.readouterr()
     assert code == 0, err
     assert out.is_file() and "seed 42;" in log and "8 frames of 64*32" in log
+    assert "task t2v-14B, autoencoder dcae-v (from the folder: DC-AE-V weights, no Wan VAE)" in log
 
 
 def test_cli_runs_nvidias_i2v_folder_with_center_crop_clip(tmp_path, capsys):
@@ -347,6 +348,10 @@ def test_cli_runs_nvidias_i2v_folder_with_center_crop_clip(tmp_path, capsys):
     log, err = capsys.readouterr()
     assert code == 0, err
     assert out.is_file() and "seed 42;" in log and "8 frames of 64*32" in log
+    assert "task i2v-14B (from the folder: an image-to-video DiT), autoencoder dcae-v" in log
+    # the task came from the folder: forgetting --image says so
+    assert main(["generate", "--ckpt_dir", str(root), "--prompt", "x", "--device", "cpu"]) == 3
+    assert "holds an image-to-video DiT" in capsys.readouterr().err
 
 
 def test_wan_i2v_folder_keeps_the_official_clip_squash(tmp_path):

@@ -168,6 +168,7 @@ def _run(args: argparse.Namespace, log) -> Path | None:
 
     # NVIDIA's DC-Gen folders hold one task each: an I2V folder runs I2V without --task
     task = args.task or (EMBEDDED if embedded else "i2v-14B" if folder_is_i2v(args.ckpt_dir) else "t2v-14B")
+    task_from_folder = args.task is None and task == "i2v-14B"
     defaults: dict = {}
     paths = None
     if task in NOT_SUPPORTED:
@@ -191,7 +192,9 @@ def _run(args: argparse.Namespace, log) -> Path | None:
         raise InputError(f"--task {task} generates one image: drop --frame_num or pass 1 (got {args.frame_num})")
     i2v = task.startswith("i2v")
     if i2v and not args.image:
-        raise InputError("an I2V task needs --image PATH (the first frame)")
+        raise InputError("an I2V task needs --image PATH (the first frame)" + (
+            f"; {args.ckpt_dir} holds an image-to-video DiT (transformer/config.json has an image path), so the "
+            "task is i2v-14B" if task_from_folder else ""))
     if not i2v and args.image:
         raise InputError(f"--image is only for I2V tasks; --task {task} is text-to-video")
     check_arguments(args, t2i)
@@ -199,6 +202,9 @@ def _run(args: argparse.Namespace, log) -> Path | None:
     if args.attention == "triton" and device.type != "cuda":
         log(f"note: --attention triton runs its kernels on CUDA; on {device.type} attention falls back to SDPA")
     ae = args.ae or ("dcae-v" if embedded else default_autoencoder(args.ckpt_dir))
+    if not embedded and (args.task is None or args.ae is None):
+        log(f"task {task}{' (from the folder: an image-to-video DiT)' if task_from_folder else ''}, autoencoder {ae}"
+            + (" (from the folder: DC-AE-V weights, no Wan VAE)" if args.ae is None and ae == "dcae-v" else ""))
     # official: offload on one GPU, not with several processes
     offload = args.offload_model if args.offload_model is not None else (device.type == "cuda" and world == 1)
     if offload and (args.dit_fsdp or args.t5_fsdp):
