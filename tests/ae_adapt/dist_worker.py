@@ -1,6 +1,7 @@
-"""Run stage 2 + LoRA on the tiny ExampleDiT as one process (grad_accum 2) or as rank RANK of
-WORLD_SIZE=2 under gloo (FSDP2, grad_accum 1; with a 3rd argument, interrupted and resumed);
-rank 0 saves the trained weights to argv[1]."""
+"""Run stage 2 (with an EMA of the weights) + LoRA (without) on the tiny ExampleDiT as one process
+(grad_accum 2) or as rank RANK of WORLD_SIZE=2 under gloo (FSDP2, grad_accum 1; with a 3rd
+argument, interrupted and resumed); rank 0 saves the trained weights, the losses and the stage-2
+checkpoint's raw and EMA weights to argv[1]."""
 
 import sys
 from pathlib import Path
@@ -31,21 +32,24 @@ def main(out: str, run_dir: str, interrupt: bool = False) -> None:
     cfg = TrainConfig(lr=3e-3, steps=3, batch_size=8, grad_accum=2 // size, progress=False)
     data = world.samples(16)
     model = _fresh()
+    head_cfg = cfg.replace(ema_decay=0.9)  # the EMA is sharded like the weights, gathered into the checkpoint
     result = align_head(
-        model, data, cfg, f"{run_dir}/head", out_channels=8, patch=(1, 1, 1), stop_at=2 if interrupt else None
+        model, data, head_cfg, f"{run_dir}/head", out_channels=8, patch=(1, 1, 1), stop_at=2 if interrupt else None
     )
     if interrupt:
         model = _fresh()
-        rest = align_head(model, data, cfg, f"{run_dir}/head", out_channels=8, patch=(1, 1, 1))
+        rest = align_head(model, data, head_cfg, f"{run_dir}/head", out_channels=8, patch=(1, 1, 1))
         result.losses += rest.losses
-    model = _fresh()  # as a new launch would: LoRA on an unsharded model with the stage-2 ends
+    head_state = torch.load(f"{run_dir}/head/checkpoint.pt", weights_only=False)
+    model = _fresh()  # as a new launch would: LoRA on an unsharded model with the stage-2 (EMA) ends
     restore_new_ends(model, f"{run_dir}/head", in_channels=8, out_channels=8, patch=(1, 1, 1))
     lora = lora_finetune(
         model, data, cfg.replace(steps=2), f"{run_dir}/lora", rank=4, alpha=8, target_modules=("qkv", "fc1")
     )
     state = {k: v.detach().clone() for k, v in _full_state(model).items()}
     if rank == 0:
-        torch.save({"state": state, "losses": result.losses + lora.losses}, out)
+        head = {"weights": head_state["weights"], "ema": head_state["ema"]}
+        torch.save({"state": state, "losses": result.losses + lora.losses, "head": head}, out)
     if size > 1:  # leave together: gloo can abort a process whose peer exits first
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

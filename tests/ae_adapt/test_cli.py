@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -40,12 +41,68 @@ def test_cache_info(clip_world, tmp_path, capsys):
     assert main(["cache-info", str(tmp_path / "none")]) == 3
 
 
-def test_export_lora_command(tmp_path):
+def test_export_lora_command(tmp_path, capsys):
     model = ExampleDiT(PRESETS["tiny"])
     lora_io.add_lora(model, rank=2, alpha=4, target_modules=("qkv",))
     lora_io.save_lora(model, tmp_path / "adapter")
     assert main(["export-lora", str(tmp_path / "adapter"), "-o", str(tmp_path / "l.safetensors")]) == 0
     assert "diffusion_model.blocks.0.qkv.lora_A.weight" in load_file(str(tmp_path / "l.safetensors"))
+    assert capsys.readouterr().err == ""  # "blocks." is the model's own block list: nothing stripped
+
+
+class _Wrapper(torch.nn.Module):
+    """Holds the DiT as `.dit`, as dcvg-wan's WanAdaptable holds the Wan model."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, *args, **kwargs):
+        return self.dit(*args, **kwargs)
+
+
+def test_wrapper_prefix_is_one_shared_named_top_module():
+    wrap = lora_io.wrapper_prefix
+    assert wrap(["dit.blocks.0.qkv", "dit.blocks.1.fc1"]) == "dit."
+    assert wrap(["dit.blocks.0.self_attn.q", "dit.text_embedding.0", "dit.time_projection.1"]) == "dit."
+    assert wrap(["dit.head.head"]) == "dit."
+    assert wrap(["blocks.0.qkv", "blocks.1.fc1"]) == ""  # a block list of the model itself
+    assert wrap(["blocks.0.q", "text_embedding.0"]) == ""  # several top-level modules
+    assert wrap(["dit.blocks.0.q", "head.head"]) == ""  # not shared by every layer
+    assert wrap(["head.head"]) == wrap([]) == ""  # too short to tell
+
+
+@pytest.mark.parametrize("fmt, key", [("comfy", "diffusion_model.{}blocks.0.qkv.lora_A.weight"),
+                                      ("kohya", "lora_unet_{}blocks_0_qkv.lora_down.weight")])
+def test_export_lora_strips_a_wrapper_prefix_by_itself_with_a_note(fmt, key, tmp_path, capsys):
+    torch.manual_seed(0)
+    plain = ExampleDiT(PRESETS["tiny"])
+    wrapped = _Wrapper(copy.deepcopy(plain))
+    lora_io.add_lora(wrapped, rank=2, alpha=4, target_modules=("qkv", "fc1"))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    adapter = lora_io.save_lora(wrapped, tmp_path / "adapter")
+    runs = {"auto": [], "explicit": ["--strip-prefix", "dit."], "off": ["--strip-prefix", ""]}
+    out, err = {}, {}
+    for run, extra in runs.items():
+        path = tmp_path / f"{run}.safetensors"
+        assert main(["export-lora", str(adapter), "-o", str(path), "--format", fmt, *extra]) == 0
+        out[run], err[run] = load_file(str(path)), capsys.readouterr().err
+    assert "note:" in err["auto"] and "'dit.'" in err["auto"] and '--strip-prefix ""' in err["auto"]
+    assert err["explicit"] == err["off"] == ""
+    assert key.format("") in out["auto"] and out["auto"].keys() == out["explicit"].keys()
+    assert all(torch.equal(v, out["explicit"][k]) for k, v in out["auto"].items())
+    sep = "dit." if fmt == "comfy" else "dit_"
+    assert key.format(sep) in out["off"] and len(out["off"]) == len(out["auto"])
+    # the stripped export applies to the plain model (no wrapper) and gives the wrapped model's outputs
+    assert len(lora_io.apply_exported_lora(plain, out["auto"])) == 2 * len(plain.blocks)
+    g = torch.Generator().manual_seed(1)
+    x, ctx, t = torch.randn(2, 4, 2, 8, 8, generator=g), torch.randn(2, 3, 16, generator=g), torch.rand(2)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, t, ctx), wrapped(x, t, ctx), rtol=0, atol=1e-5)
+    assert lora_io.convert_peft_adapter(adapter, fmt, strip_prefix=None).keys() == out["auto"].keys()
 
 
 def _adapter(tmp_path):

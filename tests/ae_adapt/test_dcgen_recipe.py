@@ -230,7 +230,7 @@ def test_checkpoints_written_before_the_new_fields_still_resume(tmp_path):
     cfg = TrainConfig(lr=0.1, steps=2, batch_size=1, progress=False)
     Trainer(_ZeroGradTask(), [{"x": torch.ones(1)}], cfg, tmp_path, stage="t").fit(stop_at=1)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
-    for key in ("warmup_start_lr", "no_decay_keys"):
+    for key in ("warmup_start_lr", "no_decay_keys", "ema_decay"):
         del state["config"][key]
     torch.save(state, tmp_path / CHECKPOINT)
     assert Trainer(_ZeroGradTask(), [{"x": torch.ones(1)}], cfg, tmp_path, stage="t").fit().step == 2

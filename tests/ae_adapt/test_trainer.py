@@ -31,18 +31,32 @@ def _cfg(**kw):
     return TrainConfig(**{"lr": 3e-3, "steps": 6, "batch_size": 4, "ckpt_every": 2, "progress": False, **kw})
 
 
-def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(base_dit, pairs, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(base_dit, pairs, ema_decay, tmp_path):
+    """With EMA on, the EMA (what the model holds after fit) must be restored too: re-starting it
+    from the raw weights at step 3 would give other final weights."""
+    cfg = _cfg(ema_decay=ema_decay)
     full = _model(base_dit)
-    ref = align_head(full, pairs, _cfg(), tmp_path / "a", out_channels=8, patch=(1, 1, 1))
+    ref = align_head(full, pairs, cfg, tmp_path / "a", out_channels=8, patch=(1, 1, 1))
     first = _model(base_dit)
-    part = align_head(first, pairs, _cfg(), tmp_path / "b", out_channels=8, patch=(1, 1, 1), stop_at=3)
+    part = align_head(first, pairs, cfg, tmp_path / "b", out_channels=8, patch=(1, 1, 1), stop_at=3)
     assert part.step == 3 and not (tmp_path / "b" / f".{CHECKPOINT}.tmp").exists()
     resumed = _model(base_dit)  # a new process: fresh model, same command
-    rest = align_head(resumed, pairs, _cfg(), tmp_path / "b", out_channels=8, patch=(1, 1, 1))
+    rest = align_head(resumed, pairs, cfg, tmp_path / "b", out_channels=8, patch=(1, 1, 1))
     assert rest.step == 6 and len(rest.losses) == 3
     assert part.losses + rest.losses == ref.losses
     for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
+    a, b = (torch.load(tmp_path / d / CHECKPOINT, weights_only=False) for d in "ab")
+    assert ("ema" in a) == ("ema" in b) == bool(ema_decay)
+    for part_name in ("weights", "ema") if ema_decay else ("weights",):
+        assert a[part_name].keys() == b[part_name].keys()
+        for k, v in a[part_name].items():
+            assert torch.equal(v, b[part_name][k]), (part_name, k)
+    if ema_decay:  # the model holds the EMA, not the raw weights of the checkpoint
+        head = resumed.final_layer.linear.weight
+        assert torch.equal(head, b["ema"]["model.final_layer.linear.weight"])
+        assert not torch.equal(head, b["weights"]["model.final_layer.linear.weight"])
     assert [r["step"] for r in read_log(tmp_path / "a")] == [6]  # log_every 10: the last step only
 
 
@@ -52,6 +66,8 @@ def test_resuming_with_a_changed_config_is_refused(base_dit, pairs, tmp_path):
         align_head(_model(base_dit), pairs, _cfg(lr=1e-3), tmp_path, out_channels=8, patch=(1, 1, 1))
     with pytest.raises(ResumeError, match="run inputs"):
         align_head(_model(base_dit), pairs, _cfg(), tmp_path, out_channels=8, patch=(1, 1, 1), shift=3.0)
+    with pytest.raises(ResumeError, match=r"ema_decay: 0.0 -> 0.99"):
+        align_head(_model(base_dit), pairs, _cfg(ema_decay=0.99), tmp_path, out_channels=8, patch=(1, 1, 1))
     # more steps is a legitimate change
     result = align_head(_model(base_dit), pairs, _cfg(steps=7), tmp_path, out_channels=8, patch=(1, 1, 1))
     assert result.step == 7
@@ -131,6 +147,21 @@ def test_fsdp2_on_two_gloo_processes_equals_one_process(one_and_two_processes):
     torch.testing.assert_close(torch.tensor(two["losses"][:3]), torch.tensor(one["losses"][:3]), rtol=0, atol=1e-6)
     assert (tmp_path / "run2" / "head" / CHECKPOINT).is_file()
     assert (tmp_path / "run2" / "lora" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp2_ema_is_gathered_saved_and_restored_like_one_process(one_and_two_processes):
+    """Stage 2 runs with ema_decay 0.9: the sharded EMA, gathered into the checkpoint at the
+    interruption and re-sharded on resume, equals one process's; so do the raw weights."""
+    _, one, two = one_and_two_processes
+    for part in ("weights", "ema"):
+        assert one["head"][part].keys() == two["head"][part].keys() == {
+            n for n in one["head"]["weights"] if n.startswith(("model.x_embedder.", "model.final_layer."))
+        }
+        for k, v in one["head"][part].items():
+            torch.testing.assert_close(two["head"][part][k], v, rtol=0, atol=1e-6, msg=f"{part} {k}")
+    w, e = one["head"]["weights"], one["head"]["ema"]
+    assert any(not torch.allclose(w[k], e[k], atol=1e-4) for k in w)  # the EMA is not the raw weights
 
 
 @pytest.mark.slow

@@ -61,10 +61,20 @@ def _export_lora(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from ae_adapt.lora_io import convert_peft_adapter
+    from ae_adapt.lora_io import adapter_layer_names, convert_peft_adapter, wrapper_prefix
 
     check_output_file(args.out)
-    state = convert_peft_adapter(args.adapter_dir, args.format, strip_prefix=args.strip_prefix)
+    strip = args.strip_prefix
+    if strip is None:  # not given: drop a wrapper's prefix that the plain model's keys lack
+        strip = wrapper_prefix(adapter_layer_names(args.adapter_dir))
+        if strip:
+            print(
+                f"note: every LoRA layer name starts with {strip!r}, a wrapper module's name (dcvg-wan adapt: "
+                f"the Wan model is held as .dit): stripped it so that the keys match the plain model; "
+                f'pass --strip-prefix "" to keep it',
+                file=sys.stderr,
+            )
+    state = convert_peft_adapter(args.adapter_dir, args.format, strip_prefix=strip)
     try:
         save_file(state, args.out)
     except (OSError, SafetensorError) as e:
@@ -87,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter_dir")
     p.add_argument("-o", "--out", required=True, help="output .safetensors")
     p.add_argument("--format", choices=("kohya", "comfy"), default="comfy")
-    p.add_argument("--strip-prefix", default="", help='wrapper prefix to drop from layer names (Wan: "dit.")')
+    p.add_argument(
+        "--strip-prefix",
+        default=None,
+        help='wrapper prefix to drop from layer names (Wan: "dit."); default: detected (one leading module name '
+        'shared by every layer, not a block list), with a note; "" keeps the names as they are',
+    )
     p.set_defaults(func=_export_lora)
     return parser
 

@@ -230,13 +230,48 @@ def export_lora(model: nn.Module, fmt: str = "kohya", *, strip_prefix: str = "")
     return out
 
 
-def convert_peft_adapter(
-    directory: str | os.PathLike, fmt: str = "kohya", *, strip_prefix: str = ""
-) -> dict[str, torch.Tensor]:
-    """`export_lora` from a saved peft adapter directory alone (no model needed)."""
+def wrapper_prefix(layer_names: Sequence[str]) -> str:
+    """The leading module name that every LoRA layer name shares when it is a wrapper's attribute
+    rather than part of the model's own layout (e.g. "dit." of dcvg-wan's `WanAdaptable`), else "".
+
+    The rule: all names start with the same component, which is followed by a named module in
+    every name (never by an index: "blocks.0..." is the model's own block list) and leaves at least
+    two components. DiT layouts keep their LoRA'd Linears under numbered block lists or several
+    top-level modules, so one shared named top module is a wrapper."""
+    parts = [name.split(".") for name in layer_names]
+    if not parts or any(len(p) < 3 for p in parts) or len({p[0] for p in parts}) != 1:
+        return ""
+    if any(p[1].isdigit() for p in parts):
+        return ""
+    return parts[0][0] + "."
+
+
+def adapter_layer_names(directory: str | os.PathLike) -> list[str]:
+    """The names of the LoRA'd layers of a saved adapter (model names, peft's prefix removed)."""
+    from safetensors import safe_open
+
+    src = _check_adapter_dir(directory)
+    with safe_open(str(src / ADAPTER_WEIGHTS), framework="pt") as f:
+        stored = list(f.keys())  # names only: no tensor is read
+    keys = [k.removeprefix(PEFT_PREFIX) for k in stored]
+    return sorted(k[: -len(".lora_A.weight")] for k in keys if k.endswith(".lora_A.weight"))
+
+
+def _check_adapter_dir(directory: str | os.PathLike) -> Path:
     src = Path(directory)
     if not (src / ADAPTER_CONFIG).is_file() or not (src / ADAPTER_WEIGHTS).is_file():
         raise AdaptError(f"{src} is not a saved adapter: {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} are needed")
+    return src
+
+
+def convert_peft_adapter(
+    directory: str | os.PathLike, fmt: str = "kohya", *, strip_prefix: str | None = ""
+) -> dict[str, torch.Tensor]:
+    """`export_lora` from a saved peft adapter directory alone (no model needed).
+    `strip_prefix=None` strips the `wrapper_prefix` of the adapter's layer names, if any."""
+    src = _check_adapter_dir(directory)
+    if strip_prefix is None:
+        strip_prefix = wrapper_prefix(adapter_layer_names(src))
     config = json.loads((src / ADAPTER_CONFIG).read_text())
     if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_rslora"):
         raise AdaptError(f"{src}: per-layer rank/alpha patterns and rsLoRA are not supported by the export")

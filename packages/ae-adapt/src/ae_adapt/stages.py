@@ -12,6 +12,10 @@
 Defaults are Table 8 (`PRESETS`) plus what NVIDIA's DC-Gen training code fixes and the paper
 does not (noise-level sampling, condition dropout, no weight decay on norms and biases); every
 field can be overridden with `dataclasses.replace`.
+
+With a stage's `TrainConfig.ema_decay` > 0, the trainer leaves the EMA of the trained weights in
+the model, so the files a stage writes (embedder, head, adapter) and whatever is merged from the
+model afterwards are the EMA; the raw weights stay in the stage's checkpoint.
 """
 
 from __future__ import annotations

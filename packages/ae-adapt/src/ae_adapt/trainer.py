@@ -7,9 +7,14 @@ stages build one around the DiT). Wrapping the loss in a forward is what lets FS
 parameters of the DiT's non-block parts, which the protocol calls outside `DiT.forward`.
 
 Exact resume: data order and noise are functions of (seed, step, micro-batch), not of a running
-RNG, so a checkpoint needs only the trainable weights, the AdamW state, the step and the plateau
-tracker. The same rule makes N processes see the same samples and noise as one process with N
-times the accumulation.
+RNG, so a checkpoint needs only the trainable weights, the AdamW state, the step, the plateau
+tracker and (with `ema_decay`) the EMA of the weights. The same rule makes N processes see the
+same samples and noise as one process with N times the accumulation.
+
+EMA (`ema_decay` > 0; NVIDIA's DC-Gen assembles its models from EMA weights): an fp32 moving
+average of the trainable parameters, updated after every optimizer step. When `fit` returns, the
+trainable parameters hold the EMA (so whatever a stage saves or merges next is the EMA) and the
+checkpoint keeps the raw weights beside it.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ class TrainConfig:
     plateau_patience: int | None = None
     plateau_min_delta: float = 0.0
     plateau_ema: float = 0.9
+    # EMA of the trainable weights (0: off). Decay of the k-th optimizer step (0-based): 0 at k = 0,
+    # then min(ema_decay, (1 + k) / (10 + k)), as diffusers' EMAModel (update_after_step 0, no
+    # use_ema_warmup). NVIDIA's DC-Gen uses an EMA but publishes no decay; 0.9999 is diffusers' usual.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -77,6 +86,8 @@ class TrainConfig:
             )
         if self.plateau_patience is not None and self.plateau_patience < 1:
             raise ValueError(f"plateau_patience must be positive or None, got {self.plateau_patience}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 
     def replace(self, **overrides: Any) -> TrainConfig:
         return dataclasses.replace(self, **overrides)
@@ -119,6 +130,11 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         start = cfg.warmup_start_lr
         return start + (cfg.lr - start) * (step + 1) / cfg.warmup_steps
     return cfg.lr
+
+
+def ema_decay_at(decay: float, step: int) -> float:
+    """The EMA decay applied after optimizer step `step` (0-based): see `TrainConfig.ema_decay`."""
+    return 0.0 if step <= 0 else min(decay, (1 + step) / (10 + step))
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -204,6 +220,12 @@ class Trainer:
         self.step = 0
         self.finished = False
         self.plateau = {"ema": None, "best": None, "bad": 0}
+        # fp32 EMA of the trainable parameters (sharded like them under FSDP2), None when off
+        self.ema: dict[str, torch.Tensor] | None = None
+        if cfg.ema_decay > 0:
+            params = dict(task.named_parameters())
+            self.ema = {n: params[n].detach().clone().float() for n in self.names}
+        self.holds_ema = False  # True once fit() has copied the EMA into the parameters
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -221,7 +243,7 @@ class Trainer:
             params = dict(self.task.named_parameters())
             weights = {n: params[n].detach().cpu().clone() for n in self.names}
             optim = self.opt.state_dict()
-        return {
+        state = {
             "format": 1,
             "stage": self.stage,
             "config": self.cfg.to_dict(),
@@ -234,9 +256,17 @@ class Trainer:
             "weights": weights,
             "optimizer": optim,
         }
+        if self.ema is not None:  # full tensors (gathered under FSDP2: a collective, every rank calls it)
+            state["ema"] = {n: _full_tensor(e).detach().cpu().clone() for n, e in self.ema.items()}
+        return state
 
     def save(self) -> None:
         """Write the checkpoint atomically (temp file, then os.replace) from rank 0."""
+        if self.holds_ema:
+            raise AdaptError(
+                "the trainable parameters hold the EMA now (fit() has returned): saving them as the raw "
+                "weights would break the resume; call fit() again (it resumes first) instead"
+            )
         state = self._state()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +299,13 @@ class Trainer:
                 for n in self.names:
                     params[n].copy_(state["weights"][n])
             self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ResumeError(f"{path} holds no EMA weights but ema_decay={self.cfg.ema_decay}")
+            params = dict(self.task.named_parameters())
+            self.ema = {n: _like_param(state["ema"][n], params[n]) for n in self.names}
         self.step, self.finished, self.plateau = state["step"], state["finished"], state["plateau"]
+        self.holds_ema = False
         return True
 
     def _check_compatible(self, state: dict[str, Any], path: Path) -> None:
@@ -296,12 +332,14 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> TrainResult:
-        """Train up to `cfg.steps` (or `stop_at`, to simulate an interruption), resuming first."""
+        """Train up to `cfg.steps` (or `stop_at`, to simulate an interruption), resuming first. With
+        EMA on, the trainable parameters hold the EMA on return (the checkpoint the raw weights)."""
         self.resume()
         result = TrainResult(step=self.step)
         end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
         if self.finished:
             self._mark_done()
+            self._apply_ema()
             return result
         bar = _progress(self.cfg.progress and self.rank == 0, self.step, self.cfg.steps, self.stage)
         t0 = time.time()
@@ -336,8 +374,30 @@ class Trainer:
             self.save()
         if self.finished:
             self._mark_done()
+        self._apply_ema()
         result.step = self.step
         return result
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """EMA step after the optimizer step `self.step` (0-based): ema = d ema + (1 - d) param."""
+        if self.ema is None:
+            return
+        d = ema_decay_at(self.cfg.ema_decay, self.step)
+        params = dict(self.task.named_parameters())  # looked up anew: FSDP2 re-registers parameters
+        for n, e in self.ema.items():
+            e.mul_(d).add_(params[n].detach().float(), alpha=1 - d)
+
+    @torch.no_grad()
+    def _apply_ema(self) -> None:
+        """Copy the EMA into the trainable parameters (after the last checkpoint has been written).
+        Before the first step the EMA is the weights: nothing to copy (and no checkpoint to protect)."""
+        if self.ema is None or self.step == 0:
+            return
+        params = dict(self.task.named_parameters())
+        for n, e in self.ema.items():
+            params[n].copy_(e)
+        self.holds_ema = True
 
     def _mark_done(self) -> None:
         if self.rank == 0:
@@ -366,6 +426,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([p for p in self.task.parameters() if p.requires_grad], cfg.max_grad_norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self._update_ema()
         return float(total)
 
     def _plateau_reached(self, loss: float) -> bool:
@@ -396,6 +457,22 @@ def param_groups(task: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2) gathered to the full tensor; a plain tensor as it is."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+def _like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of the full tensor `full`, placed (and sharded, for a DTensor) like `param`."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is not None:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.float().to(param.device), mesh, param.placements)
+    return full.to(param.device, torch.float32).clone()
+
+
 def stack_batch(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack per-sample tensors; a key missing from one sample is missing from the batch."""
     keys = [k for k in samples[0] if all(k in s for s in samples)]
@@ -421,4 +498,14 @@ def read_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "init_distributed", "lr_at", "param_groups", "read_log", "world"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "ema_decay_at",
+    "init_distributed",
+    "lr_at",
+    "param_groups",
+    "read_log",
+    "world",
+]
