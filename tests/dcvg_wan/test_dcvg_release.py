@@ -9,6 +9,7 @@ configured as NVIDIA's `build_i2v_pipeline`, and the closed-form size arithmetic
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -367,3 +368,50 @@ def test_wan_i2v_folder_keeps_the_official_clip_squash(tmp_path):
     pipe = I2VPipeline.from_pretrained(root, task="i2v-14B", dtype=torch.float32)
     assert isinstance(pipe.space, WanVAESpace) and pipe.image_encoder.preprocessing == "wan"
     assert pipe.defaults("1280*720").steps == 40 and pipe.scheduler is None
+
+
+@pytest.mark.parametrize("steps, shift", [(12, 7.0), (50, 5.0), (5, 1.0), (1, 3.0)])
+def test_diffusers_grid_is_the_one_nvidias_scheduler_sets(tmp_path, steps, shift):
+    """NVIDIA samples with `UniPCMultistepScheduler.from_pretrained(folder/scheduler)`: our
+    "diffusers" grid gives its sigmas and timesteps exactly (shift 1: the first sigma 1 - 1e-6)."""
+    from diffusers import UniPCMultistepScheduler
+
+    _scheduler_config(tmp_path / "scheduler", flow_shift=shift)
+    reference = UniPCMultistepScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    reference.set_timesteps(steps)
+    ours = flow_schedule(steps, read_scheduler_config(tmp_path / "scheduler").shift, grid="diffusers")
+    assert torch.equal(ours.sigmas, reference.sigmas) and torch.equal(ours.timesteps, reference.timesteps)
+    if steps > 1:
+        assert not torch.equal(flow_schedule(steps, shift).timesteps, reference.timesteps)  # the official grid
+
+
+def test_sampling_on_the_diffusers_grid_equals_diffusers_unipc_loop(tmp_path):
+    """The whole UniPC integration on a toy denoiser against diffusers' scheduler stepping it."""
+    from diffusers import UniPCMultistepScheduler
+
+    from dcvg_wan.sampling import sample
+
+    _scheduler_config(tmp_path / "scheduler", flow_shift=5.0)
+    reference = UniPCMultistepScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    reference.set_timesteps(8)
+    target = torch.linspace(-1, 1, 2 * 3 * 4 * 4).reshape(2, 3, 1, 4, 4)
+
+    def velocity(x, t):  # a toy flow model: the velocity towards a fixed target, bent by t
+        return (x - target) * (1 + t.float().reshape(-1, 1, 1, 1, 1) / 2000)
+
+    noise = torch.randn(2, 3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = noise.clone()
+    for t in reference.timesteps:
+        x = reference.step(velocity(x, t.expand(2)), t, x, return_dict=False)[0]
+    ours = sample(velocity, noise, steps=8, shift=5.0, grid="diffusers")
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-5)
+    assert (sample(velocity, noise, steps=8, shift=5.0) - x).abs().max() > 1e-4  # the official grid differs
+
+
+def test_dcgen_folders_sample_on_diffusers_grid_wan_folders_on_the_official_one(tmp_path):
+    pipe = T2VPipeline.from_pretrained(dcgen_folder(tmp_path / "DC-Gen-Wan2.1-T2V-14B", i2v=False), dtype=torch.float32)
+    assert pipe._grid("unipc") == "diffusers" and pipe._grid("dpm++") == "wan"
+    run = {"size": "64*32", "frame_num": 8, "steps": 3, "seed": 1}
+    on_grid = pipe("a red circle", **run)
+    pipe.scheduler = dataclasses.replace(pipe.scheduler, grid="wan")
+    assert not torch.equal(pipe("a red circle", **run).latent, on_grid.latent)

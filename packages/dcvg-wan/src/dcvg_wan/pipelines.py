@@ -242,7 +242,13 @@ class WanPipeline:
                 guide_scale=guide_scale,
                 uncond_fn=self._denoiser(context_null, clip_fea, y),
                 progress=progress,
+                grid=self._grid(solver),
             )
+
+    def _grid(self, solver: str) -> str:
+        """The sigma grid: diffusers' when a DC-VideoGen folder's scheduler_config.json drives UniPC (as
+        NVIDIA's pipelines sample), else the official Wan grid."""
+        return self.scheduler.grid if self.scheduler is not None and solver == "unipc" else "wan"
 
     def _denoiser(self, context, clip_fea, y):
         if not self.sequence_parallel:

@@ -180,6 +180,7 @@ def sample(
     solver: str = "unipc",
     guide_scale: float = 1.0,
     uncond_fn: Denoiser | None = None,
+    grid: str = "wan",
     progress: bool = False,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
@@ -188,13 +189,13 @@ def sample(
     Each step calls `model_fn` (the conditional pass) and, when guide_scale != 1, `uncond_fn`,
     combined by `cfg_combine`; with guide_scale == 1 the unconditional pass is skipped (the
     combination would return v_cond). `callback(i, t, x)` runs after every step with the new x;
-    `progress` shows a tqdm bar."""
+    `progress` shows a tqdm bar. `grid`: the sigma grid (`schedulers.flow_schedule`)."""
     if solver not in SOLVERS:
         raise InputError(f"unknown sample solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     guided = guide_scale != 1.0
     if guided and uncond_fn is None:
         raise InputError(f"guide_scale={guide_scale} needs uncond_fn (the pass with the negative prompt)")
-    schedule = flow_schedule(steps, shift, solver)
+    schedule = flow_schedule(steps, shift, solver, grid=grid)
     stepper = make_solver(solver, schedule)
     x = noise
     timesteps = schedule.timesteps.to(noise.device)

@@ -2,9 +2,10 @@
 
 NVIDIA's DC-Gen folders (`dc-ai/DC-Gen-Wan2.1-T2V-14B`, `-I2V-14B`) ship one, and their pipeline
 samples with `UniPCMultistepScheduler.from_pretrained(ckpt, subfolder="scheduler")`; its
-`flow_shift` is the one number our UniPC needs from it. The solver itself (flow sigmas, order 2,
-bh2, x0-prediction, lower order at the end, final sigma 0) is fixed here, as in the official Wan
-code; any field of the file that asks for something else is reported in a note, not silently
+`flow_shift` is the one number our UniPC needs from it, and UniPC then samples on diffusers'
+sigma grid (linspace(1, 1/1000) rather than the official linspace(0.999, 0); the algorithm is the
+same). The solver itself (flow sigmas, order 2, bh2, x0-prediction, lower order at the end, final
+sigma 0) is fixed here, as in the official Wan code; any field of the file that asks for something else is reported in a note, not silently
 ignored. Fields missing from the file take diffusers' defaults, as `from_pretrained` does.
 """
 
@@ -45,6 +46,7 @@ class SchedulerSettings:
 
     shift: float
     solver: str = "unipc"
+    grid: str = "diffusers"  # UniPC samples on diffusers' sigma grid, as the folder's pipeline does
     notes: tuple[str, ...] = ()
     source: str = ""
 

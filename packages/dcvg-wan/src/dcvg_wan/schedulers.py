@@ -50,19 +50,36 @@ class FlowSchedule:
         return len(self.timesteps)
 
 
-def flow_schedule(
-    steps: int, shift: float, solver: str = "unipc", num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
-) -> FlowSchedule:
-    """The official sigmas for `steps` model calls.
+GRIDS = ("wan", "diffusers")
 
-    unipc (and euler): linspace(sigma_max, 0, N+1)[:-1] with sigma_max = float32(1 - 1/T) = 0.999
-    (`FlowUniPCMultistepScheduler.set_timesteps`); dpm++: linspace(1, 0, N+1)[:-1]
-    (`get_sampling_sigmas`). Then shifted, timesteps = int64(sigma * T), final sigma 0."""
+
+def flow_schedule(
+    steps: int, shift: float, solver: str = "unipc", num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+    grid: str = "wan",
+) -> FlowSchedule:
+    """The sigmas for `steps` model calls.
+
+    grid "wan" (the official code): unipc (and euler): linspace(sigma_max, 0, N+1)[:-1] with
+    sigma_max = float32(1 - 1/T) = 0.999 (`FlowUniPCMultistepScheduler.set_timesteps`); dpm++:
+    linspace(1, 0, N+1)[:-1] (`get_sampling_sigmas`). grid "diffusers" (unipc only): diffusers'
+    `UniPCMultistepScheduler(use_flow_sigmas=True)`, which NVIDIA's DC-VideoGen pipelines sample
+    with: linspace(1, 1/T, N+1)[:-1], and a first shifted sigma of 1 lowered by 1e-6. Then
+    shifted, timesteps = int64(sigma * T), final sigma 0."""
     _check_solver(solver)
+    if grid not in GRIDS:
+        raise InputError(f"unknown sigma grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    if grid == "diffusers" and solver != "unipc":
+        raise InputError(f"the diffusers sigma grid is UniPC's; solver {solver!r} samples on the official grid")
     if int(steps) < 1:
         raise InputError(f"steps must be a positive integer, got {steps}")
     if not shift > 0:
         raise InputError(f"shift must be positive, got {shift}")
+    if grid == "diffusers":
+        sigmas = [shift_sigma(s, shift) for s in _linspace(1.0, 1.0 / num_train_timesteps, int(steps) + 1)[:-1]]
+        if abs(sigmas[0] - 1) < 1e-6:  # as diffusers: keeps log(alpha) finite in the first update
+            sigmas[0] -= 1e-6
+        timesteps = torch.tensor([s * num_train_timesteps for s in sigmas], dtype=torch.float64).to(torch.int64)
+        return FlowSchedule(torch.tensor([*sigmas, 0.0], dtype=torch.float32), timesteps)
     sigma_max = 1.0 if solver == "dpm++" else _float32(1.0 - 1.0 / num_train_timesteps)
     sigmas = [shift_sigma(s, shift) for s in _linspace(sigma_max, 0.0, int(steps) + 1)[:-1]]
     timesteps = torch.tensor([s * num_train_timesteps for s in sigmas], dtype=torch.float64).to(torch.int64)
