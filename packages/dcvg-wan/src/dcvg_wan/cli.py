@@ -132,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["generate"]:  # NVIDIA's DC-Gen generate.py words (task=t2v prompt=...) as our flags
+        from dcvg_wan.dcgen_arguments import translate
+        from dcvg_wan.generate import add_arguments
+
+        generate = argparse.ArgumentParser(add_help=False)
+        add_arguments(generate)
+        try:
+            rest, note = translate(argv[1:], generate)
+        except InputError as e:
+            print(f"dcvg-wan: error: {e}", file=sys.stderr)
+            return EXIT_INPUT
+        argv = ["generate", *rest]
+        if note:
+            print(note, flush=True)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
