@@ -178,3 +178,21 @@ def test_run_adapt_end_to_end_on_a_debug_wan(t2v, tmp_path):
         torch.testing.assert_close(again(x, t, ctx), dit(x, t, ctx), rtol=0, atol=1e-6)
     assert (tmp_path / "out" / "lora_comfy.safetensors").is_file()
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+
+    # with EMA on: the adapter and the merged model are the EMA, the checkpoint keeps the raw weights
+    ema = {k: v.replace(ema_decay=0.9) if isinstance(v, TrainConfig) else v for k, v in fast.items()}
+    dit_ema = run_adapt(copy.deepcopy(t2v), tmp_path / "cache", tmp_path / "out_ema", base_ae="wan-vae-f8t4c16",
+                        new_ae="dc-ae-v-f32t4c32", new_channels=8, preset="debug", overrides=ema)
+    checkpoints = sorted((tmp_path / "out_ema").rglob("checkpoint.pt"))
+    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(tmp_path / "out_ema" / "adapter" / "adapter_model.safetensors"))
+    lora_names = [n for n in state["ema"] if "lora_A" in n]
+    assert lora_names and len(adapter) == 2 * len(lora_names)
+    for name in lora_names:
+        stored = next(v for k, v in adapter.items() if k.endswith(name.split("dit.", 1)[-1].replace(".default", "")))
+        torch.testing.assert_close(stored, state["ema"][name].to(stored.dtype), rtol=0, atol=0)
+        assert not torch.equal(state["ema"][name], state["weights"][name])
+    with torch.no_grad():
+        assert not torch.allclose(dit_ema(x, t, ctx), dit(x, t, ctx))
