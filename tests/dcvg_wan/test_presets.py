@@ -24,6 +24,7 @@ def closed_form_params(c: WanConfig) -> int:
     if c.image_dim is not None:
         block += 2 * lin(d, d) + d  # k_img, v_img, norm_k_img
         top += 2 * c.image_dim + lin(c.image_dim, c.image_dim) + lin(c.image_dim, d) + 2 * d
+        top += (c.flf_pos_len or 0) * c.image_dim  # FLF2V: img_emb.emb_pos
     return c.num_layers * block + top
 
 

@@ -119,6 +119,9 @@ PRESETS: dict[str, WanConfig] = {
     # 480P and 720P I2V share the architecture; only the weights (and sampling defaults) differ.
     "i2v-14B-480p": _I2V_14B,
     "i2v-14B-720p": _I2V_14B,
+    # FLF2V-14B-720P: the I2V-14B architecture plus learned positions over the first- and last-frame
+    # CLIP tokens (official wan/configs: flf2v_14B = i2v_14B; model_type "flf2v": img_emb.emb_pos [1, 514, 1280]).
+    "flf2v-14B": _I2V_14B.replace(flf_pos_len=514),
     # DC-VideoGen (DC-AE-V f32t4c32 latents): same blocks, new patch embedder and head. Patch
     # (1,1,1) is read from the paper's Table 2 and in_dim 68 = noise 32 + mask 4 + image chunk 32
     # is derived; neither is confirmed by NVIDIA's released config (wan21.md "Not established").

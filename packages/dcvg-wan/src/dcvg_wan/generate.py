@@ -27,13 +27,13 @@ EXAMPLE_PROMPT = {  # wan/configs/__init__.py / generate.py EXAMPLE_PROMPT
     "relaxed posture, as if savoring the sea breeze and warm sunlight. A close-up shot highlights the feline's "
     "intricate details and the refreshing atmosphere of the seaside.",
     "t2i": "一个朴素端庄的美人",
+    "flf2v": "CG动画风格，一只蓝色的小鸟从地面起飞，煽动翅膀。小鸟羽毛细腻，胸前有独特的花纹，背景是蓝天白云，阳光明媚。"
+    "镜跟随小鸟向上移动，展现出小鸟飞翔的姿态和天空的广阔。近景，仰视视角。",
 }
-TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B")
+TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B", "flf2v-14B", "t2i-14B")
 _VACE = "VACE (Wan2.1-VACE) is another architecture, not implemented here"
 # official tasks this package does not run, with the reason (so they fail with it, not with a usage error)
 NOT_SUPPORTED = {
-    "flf2v-14B": "first-last-frame-to-video is not implemented here (the DiT loads FLF2V weights, but there is no "
-                 "pipeline for two conditioning frames)",
     "vace-1.3B": _VACE,
     "vace-14B": _VACE,
 }
@@ -77,9 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base_seed", type=int, default=None,
                    help="-1: random; else 0 .. 2**63-1 (default -1; DC-VideoGen (dcae-v): 42, as NVIDIA's generate.py)")
     p.add_argument("--image", default=None, help="I2V: the first frame (any image PyAV reads)")
+    p.add_argument("--first_frame", default=None, help="FLF2V (--task flf2v-14B): the first frame (any image PyAV reads)")
+    p.add_argument("--last_frame", default=None,
+                   help="FLF2V: the last frame (another size is center-cropped to the first frame's aspect)")
     p.add_argument("--sample_solver", default="unipc", choices=("unipc", "dpm++", "euler"))
     p.add_argument("--sample_steps", type=int, default=None, help="default: 50 (T2V) / 40 (I2V); DC-VideoGen 50; the demo model 30")
-    p.add_argument("--sample_shift", type=float, default=None, help="default: 5.0 (I2V 480p: 3.0); DC-VideoGen: the folder's "
+    p.add_argument("--sample_shift", type=float, default=None, help="default: 5.0 (I2V 480p: 3.0, FLF2V 16); DC-VideoGen: the folder's "
                    "scheduler/scheduler_config.json flow_shift, else 5.0; the demo model 3.0")
     p.add_argument("--sample_guide_scale", type=float, default=5.0)
     p.add_argument("--ae", default=None, choices=("wan-vae", "dcae-v"),
@@ -88,6 +91,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image_encoder", default=None,
                    help="I2V: the CLIP image encoder (official .pth or a diffusers image_encoder/ folder), for folders "
                         "without one (NVIDIA's DC-Gen I2V uses Wan-AI/Wan2.1-I2V-14B-720P-Diffusers/image_encoder)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH",
+                   help="a Wan-2.1 LoRA (.safetensors: ComfyUI, kohya/musubi, diffusers or peft keys) merged into the "
+                        "DiT before sampling; repeat for several")
+    p.add_argument("--lora_strength", action="append", type=float, default=None, metavar="S",
+                   help="LoRA strength (default 1.0): one for all --lora files, or one per file in order")
     p.add_argument("--dcae_ckpt", default=None, help="DC-AE-V checkpoint (.pt or folder) for --ae dcae-v; `default`: the one shipped with dcae-v")
     p.add_argument("--dit", default=None,
                    help="a DiT folder/file that replaces the one in --ckpt_dir (e.g. `dcvg-wan adapt`'s OUT/model)")
@@ -110,14 +118,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt_extend_model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompt_extend_target_lang", default="zh", help=argparse.SUPPRESS)
     # so are other official flags of tasks/features not implemented here (each refused in run() with the reason)
-    for flag in ("--first_frame", "--last_frame", "--src_video", "--src_mask", "--src_ref_images"):
+    for flag in ("--src_video", "--src_mask", "--src_ref_images"):
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     p.add_argument("--fp8", action="store_true", help=argparse.SUPPRESS)
 
 
 # official flags recognised but refused, with the reason
 REFUSED_FLAGS = {
-    "first_frame": NOT_SUPPORTED["flf2v-14B"], "last_frame": NOT_SUPPORTED["flf2v-14B"],
     "src_video": _VACE, "src_mask": _VACE, "src_ref_images": _VACE,
     "fp8": "fp8 weights are not supported here; the DiT runs in --dtype bf16 (the default on CUDA), fp16 or fp32",
 }
@@ -146,7 +153,7 @@ def run(args: argparse.Namespace, log=print) -> Path | None:
 
 
 def _run(args: argparse.Namespace, log) -> Path | None:
-    from dcvg_wan.pipelines import I2VPipeline, T2VPipeline
+    from dcvg_wan.pipelines import FLF2VPipeline, I2VPipeline, T2VPipeline
 
     device = parse_device(args.device)
     if args.use_prompt_extend:
@@ -191,6 +198,15 @@ def _run(args: argparse.Namespace, log) -> Path | None:
     if t2i and args.frame_num not in (None, 1):
         raise InputError(f"--task {task} generates one image: drop --frame_num or pass 1 (got {args.frame_num})")
     i2v = task.startswith("i2v")
+    flf = task.startswith("flf2v")
+    if flf and not (args.first_frame and args.last_frame):
+        raise InputError(f"--task {task} needs --first_frame PATH and --last_frame PATH (the video's first and last "
+                         "frames)")
+    if not flf and (args.first_frame or args.last_frame):
+        raise InputError(f"--first_frame/--last_frame are for --task flf2v-14B (first-last-frame-to-video); --task "
+                         f"{task} takes {'--image' if i2v else 'neither'}")
+    if flf and args.image:
+        raise InputError("--image is for i2v-14B; --task flf2v-14B takes --first_frame and --last_frame")
     if i2v and not args.image:
         raise InputError("an I2V task needs --image PATH (the first frame)" + (
             f"; {args.ckpt_dir} holds an image-to-video DiT (transformer/config.json has an image path), so the "
@@ -199,9 +215,14 @@ def _run(args: argparse.Namespace, log) -> Path | None:
         raise InputError(f"--image is only for I2V tasks; --task {task} is text-to-video")
     check_arguments(args, t2i)
     image = read_image(args.image) if i2v else None  # before the (slow) model loading: a typo fails fast
+    frames = (read_image(args.first_frame, "--first_frame"), read_image(args.last_frame, "--last_frame")) if flf else None
     if args.attention == "triton" and device.type != "cuda":
         log(f"note: --attention triton runs its kernels on CUDA; on {device.type} attention falls back to SDPA")
     ae = args.ae or ("dcae-v" if embedded else default_autoencoder(args.ckpt_dir))
+    least = 8 if ae == "dcae-v" else 5  # two latent frames: one per conditioning frame
+    if flf and args.frame_num is not None and args.frame_num < least:
+        raise InputError(f"--task {task} needs at least {least} frames on {ae} (two latent frames, one per conditioning "
+                         f"frame), got --frame_num {args.frame_num}")
     if not embedded and (args.task is None or args.ae is None):
         log(f"task {task}{' (from the folder: an image-to-video DiT)' if task_from_folder else ''}, autoencoder {ae}"
             + (" (from the folder: DC-AE-V weights, no Wan VAE)" if args.ae is None and ae == "dcae-v" else ""))
@@ -212,15 +233,24 @@ def _run(args: argparse.Namespace, log) -> Path | None:
                          "their GPUs); drop one of them")
     if args.t5_fsdp and args.t5_cpu:
         raise InputError("--t5_fsdp and --t5_cpu exclude each other: shard umT5 over the GPUs or run it on the CPU")
-    pipe_cls = I2VPipeline if i2v else T2VPipeline
+    pipe_cls = FLF2VPipeline if flf else I2VPipeline if i2v else T2VPipeline
     start = time.perf_counter()
     if args.dit is not None or args.image_encoder is not None:
         if embedded:
             raise InputError("--dit/--image_encoder replace a component of a --ckpt_dir; pass --ckpt_dir too")
         from dcvg_wan.components import locate_components
 
-        paths = locate_components(args.ckpt_dir, i2v=i2v, ae=ae, dit=args.dit, dcae=args.dcae_ckpt,
-                                  image_encoder=args.image_encoder if i2v else None)
+        paths = locate_components(args.ckpt_dir, i2v=i2v or flf, ae=ae, dit=args.dit, dcae=args.dcae_ckpt,
+                                  image_encoder=args.image_encoder if i2v or flf else None)
+    from dcvg_wan.lora import merge_lora, read_lora_file
+
+    strengths = args.lora_strength or [1.0]
+    if args.lora and len(strengths) not in (1, len(args.lora)):
+        raise InputError(f"{len(args.lora)} --lora files and {len(strengths)} --lora_strength values: give one strength "
+                         "for all, or one per file")
+    loras = [(path, read_lora_file(path)) for path in args.lora]  # before the (slow) model loading
+    if args.lora_strength and not args.lora:
+        raise InputError("--lora_strength without --lora: name the LoRA file(s) with --lora PATH")
     pipe = pipe_cls.from_pretrained(
         args.ckpt_dir, task=None if embedded else task, ae=ae, dcae_ckpt=args.dcae_ckpt, device=device,
         dtype=dtype, offload_model=offload, t5_cpu=args.t5_cpu, attention=args.attention,
@@ -228,6 +258,8 @@ def _run(args: argparse.Namespace, log) -> Path | None:
         default_negative_prompt=defaults.get("negative_prompt"),
         sequence_parallel=args.ulysses_size > 1, log=log,
     )
+    for i, (path, state) in enumerate(loras):  # merged before any sharding, on every rank
+        log(merge_lora(pipe.dit, state, strengths[0] if len(strengths) == 1 else strengths[i], path).note())
     if args.dit_fsdp or args.t5_fsdp:
         from dcvg_wan.parallel import dit_shard_units, shard_for_inference, text_encoder_shard_units
 
@@ -238,7 +270,7 @@ def _run(args: argparse.Namespace, log) -> Path | None:
         log(f"sharded over {world} processes: {'DiT ' if args.dit_fsdp else ''}{'umT5' if args.t5_fsdp else ''}".strip())
     log(f"loaded in {time.perf_counter() - start:.1f} s")
     prompt = args.prompt if args.prompt is not None else (
-        defaults.get("example_prompt") or EXAMPLE_PROMPT["i2v" if i2v else "t2i" if t2i else "t2v"])
+        defaults.get("example_prompt") or EXAMPLE_PROMPT["i2v" if i2v else "flf2v" if flf else "t2i" if t2i else "t2v"])
     if embedded:
         from dcvg_wan.demo_prompt import demo_prompt
 
@@ -259,7 +291,9 @@ def _run(args: argparse.Namespace, log) -> Path | None:
         "progress": rank == 0,
         "log": log,
     }
-    if i2v:
+    if flf:
+        result = pipe(prompt, *frames, **common)
+    elif i2v:
         result = pipe(prompt, image, **common)
     else:
         result = pipe(prompt, **common)
@@ -379,7 +413,7 @@ def _shared_seed(seed: int, world: int) -> int:
     return seed
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
+def read_image(path: str | os.PathLike, flag: str = "--image") -> torch.Tensor:
     """The first frame of any image/video PyAV reads -> [1, 3, H, W] in [-1, 1]."""
     from dcae_v.errors import DCAEVError
     from dcae_v.io import read_video, to_model_range
@@ -387,7 +421,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     try:
         frames = read_video(path, max_frames=1).frames
     except DCAEVError as err:
-        raise InputError(f"cannot read --image {path}: {err}") from err
+        raise InputError(f"cannot read {flag} {path}: {err}") from err
     return to_model_range(frames)[:, :, 0]
 
 

@@ -15,6 +15,12 @@ Both give the I2V conditioning `y` = concat(mask 4 channels, conditioning latent
 that is the official one (the image followed by F-1 black frames); for DC-AE-V it is the paper's
 image-chunk conditioning (section 3.4): the image replicated 4x to fill the first temporal group,
 then F-4 black frames, so that the first latent frame encodes the image as a whole chunk.
+
+FLF2V (first and last frame) adds the last frame at the end the same way: official Wan2.1
+(`wan/first_last_frame2video.py`) puts it as the last of F frames (F-2 black frames between) and
+marks pixel frame F-1 in the mask, which lands on the 4th mask channel of the last latent frame;
+NVIDIA's `pipeline_dc_videogen_wan_i2v.py` (`last_image`) repeats it 4x as the last temporal group
+(F-8 black frames between) and marks the whole last latent frame.
 """
 
 from __future__ import annotations
@@ -110,22 +116,43 @@ class LatentSpace:
         """The DiT's latent -> [B, 3, F, H, W] in [-1, 1]."""
         raise NotImplementedError
 
-    def image_chunk(self, image: torch.Tensor, frames: int) -> torch.Tensor:
-        """[B, 3, H, W] -> the conditioning video [B, 3, frames, H, W]."""
-        raise NotImplementedError
+    # pixel frames one conditioning image fills at each end (Wan VAE 1, DC-AE-V a temporal group)
+    chunk_copies = 1
 
-    def image_condition(self, image: torch.Tensor, frames: int) -> torch.Tensor:
-        """y = concat(mask [B, 4, T', h, w] with ones on the first latent frame, encoded image chunk)."""
-        latent = self.encode(self.image_chunk(image, frames))
-        mask = torch.zeros(latent.shape[0], 4, *latent.shape[2:], dtype=latent.dtype, device=latent.device)
-        mask[:, :, 0] = 1
+    def image_chunk(self, image: torch.Tensor, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 3, H, W] -> the conditioning video [B, 3, frames, H, W]: the image `chunk_copies`
+        times, black frames, and (FLF2V) `last` `chunk_copies` times at the end."""
+        return self._black_after(image, self.chunk_copies, frames, last)
+
+    def image_condition(self, image: torch.Tensor, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
+        """y = concat(mask [B, 4, T', h, w] over the conditioned frames, encoded image chunk)."""
+        latent = self.encode(self.image_chunk(image, frames, last))
+        mask = self.condition_mask(frames, last is not None).to(latent.device, latent.dtype)
+        mask = mask[None, :, :, None, None].expand(latent.shape[0], -1, -1, *latent.shape[3:])
         return torch.cat([mask, latent], dim=1)
 
+    def condition_mask(self, frames: int, last: bool = False) -> torch.Tensor:
+        """[4, T'] mask: 1 on the pixel frames holding the image (and the last image), grouped 4 per
+        latent frame as the references do (the Wan VAE's first frame counted 4 times)."""
+        pixel = torch.zeros(frames)
+        pixel[: self.chunk_copies] = 1
+        if last:
+            pixel[-self.chunk_copies :] = 1
+        pixel = self._mask_frames(pixel)
+        return pixel.view(-1, 4).T.contiguous()
+
+    def _mask_frames(self, pixel: torch.Tensor) -> torch.Tensor:
+        return pixel
+
     @staticmethod
-    def _black_after(image: torch.Tensor, copies: int, frames: int) -> torch.Tensor:
+    def _black_after(image: torch.Tensor, copies: int, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
         first = image.unsqueeze(2).expand(-1, -1, copies, -1, -1)
-        rest = torch.zeros(*image.shape[:2], frames - copies, *image.shape[2:], dtype=image.dtype, device=image.device)
-        return torch.cat([first, rest], dim=2)
+        end = [] if last is None else [last.to(image.dtype).unsqueeze(2).expand(-1, -1, copies, -1, -1)]
+        black = frames - copies * (1 + len(end))
+        if black < 0:
+            raise InputError(f"{frames} frames cannot hold the conditioning images ({copies} frame(s) each)")
+        rest = torch.zeros(*image.shape[:2], black, *image.shape[2:], dtype=image.dtype, device=image.device)
+        return torch.cat([first, rest, *end], dim=2)
 
 
 class WanVAESpace(LatentSpace):
@@ -145,8 +172,8 @@ class WanVAESpace(LatentSpace):
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.model.decode(latent)  # WanVAE.decode already clamps to [-1, 1]
 
-    def image_chunk(self, image: torch.Tensor, frames: int) -> torch.Tensor:
-        return self._black_after(image, 1, frames)
+    def _mask_frames(self, pixel: torch.Tensor) -> torch.Tensor:
+        return torch.cat([pixel[:1].repeat(3), pixel])  # the causal first latent frame: 1 pixel frame, 4 mask rows
 
 
 class DCAEVSpace(LatentSpace):
@@ -197,8 +224,23 @@ class DCAEVSpace(LatentSpace):
         return self.model.decode(z, frames_per_tile=self.frames_per_tile,
                                  tile_size=self.tile_size).float().clamp(-1, 1)
 
-    def image_chunk(self, image: torch.Tensor, frames: int) -> torch.Tensor:
-        return self._black_after(image, self.temporal, frames)
+    @property
+    def chunk_copies(self) -> int:
+        return self.temporal
+
+
+def fit_last_frame(last: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """FLF2V: the central crop of the last frame [B, 3, h, w] with the first frame's aspect
+    (height/width), before both are resized to the generation size (what official
+    first_last_frame2video.py means to do when the sizes differ: scale the last frame to cover the
+    first, then center-crop; its code crops with width and height swapped, not followed here)."""
+    h, w = last.shape[-2:]
+    if (h, w) == (height, width):
+        return last
+    ratio = max(width / w, height / h)  # scales the last frame to cover the first
+    crop_h, crop_w = min(h, round(height / ratio)), min(w, round(width / ratio))
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    return last[..., top : top + crop_h, left : left + crop_w]
 
 
 def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -1,10 +1,10 @@
-"""Text-to-video and image-to-video over either latent space, stage by stage as the official code.
+"""Text-, image- and first-last-frame-to-video over either latent space, stage by stage as the official code.
 
     pipe = T2VPipeline.from_pretrained("Wan2.1-T2V-1.3B", task="t2v-1.3B")
     result = pipe("a cat surfing", size="832*480", frame_num=81, seed=42)
     result.save("cat.mp4")
 
-Stages: text (umT5) -> [I2V: CLIP features + conditioning latent] -> sampling (DiT) -> decode.
+Stages: text (umT5) -> [I2V/FLF2V: CLIP features + conditioning latent] -> sampling (DiT) -> decode.
 `offload_model` keeps each model on the CPU except while its stage runs (official
 `--offload_model`); `t5_cpu` runs the text encoder on the CPU (official `--t5_cpu`).
 """
@@ -27,6 +27,7 @@ from dcvg_wan.latent_spaces import (
     LatentSpace,
     Rounded,
     WanVAESpace,
+    fit_last_frame,
 )
 from dcvg_wan.model import WanModel
 from dcvg_wan.sampling import (
@@ -109,9 +110,10 @@ class _Stage:
 
 
 class WanPipeline:
-    """Shared machinery of T2V and I2V; use `T2VPipeline` / `I2VPipeline`."""
+    """Shared machinery of T2V, I2V and FLF2V; use `T2VPipeline` / `I2VPipeline` / `FLF2VPipeline`."""
 
-    i2v = False
+    i2v = False  # conditioned on images (CLIP + y): I2V and FLF2V
+    flf = False  # first and last frame (FLF2V)
 
     def __init__(
         self,
@@ -139,13 +141,14 @@ class WanPipeline:
         self.scheduler = scheduler
         self.sequence_parallel = sequence_parallel
         self.dit, self.space, self.text_encoder, self.image_encoder = dit, space, text_encoder, image_encoder
-        self.task = task or (dit.preset_names[0] if dit.preset_names else ("i2v-14B" if self.i2v else "t2v-14B"))
+        fallback = "flf2v-14B" if self.flf else "i2v-14B" if self.i2v else "t2v-14B"
+        self.task = task or (dit.preset_names[0] if dit.preset_names else fallback)
         self.device = torch.device(device)
         self.offload_model, self.t5_cpu = offload_model, t5_cpu
         self.timings: dict[str, float] = {}
-        check_compatible(dit, space, i2v=self.i2v)
+        check_compatible(dit, space, i2v=self.i2v, flf=self.flf)
         if self.i2v and image_encoder is None:
-            raise InputError("image-to-video needs the CLIP image encoder")
+            raise InputError(f"{'first-last-frame' if self.flf else 'image'}-to-video needs the CLIP image encoder")
 
     # ---- loading -----------------------------------------------------------------------------
     @classmethod
@@ -376,9 +379,64 @@ class I2VPipeline(WanPipeline):
         return self._generate(prompt, rounded, seed, settings, log, progress, condition)
 
 
+class FLF2VPipeline(WanPipeline):
+    """First and last frame to video (official `flf2v-14B`); `size` is a maximum area, the shape
+    follows the first frame. Needs an FLF2V DiT (CLIP positions over both frames, `flf_pos_len`)."""
+
+    i2v = True
+    flf = True
+
+    def __call__(
+        self,
+        prompt: str,
+        first_frame: torch.Tensor,
+        last_frame: torch.Tensor,
+        *,
+        size: str | None = None,
+        frame_num: int = 81,
+        steps: int | None = None,
+        shift: float | None = None,
+        guide_scale: float | None = None,
+        solver: str | None = None,
+        seed: int = -1,
+        negative_prompt: str = "",
+        progress: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """first_frame, last_frame: [3, H, W] or [1, 3, H, W] float in [-1, 1]. A last frame of
+        another size is center-cropped to the first frame's aspect (`fit_last_frame`); both are then
+        resized as I2V's image. CLIP encodes both ([2, 257, 1280]: the DiT adds its 514 positions);
+        the Wan VAE conditions as official (the last frame as frame F-1), DC-AE-V as NVIDIA's
+        `last_image` (4 copies closing the video)."""
+        self.timings = {}
+        first = _check_image(first_frame, "first_frame")
+        last = _check_image(last_frame, "last_frame")
+        size = self._size(size)
+        settings = self._settings(size, steps, shift, guide_scale, solver, negative_prompt)
+        width, height = parse_size(size)
+        rounded = self.space.area_size(frame_num, width * height, first.shape[-2] / first.shape[-1])
+        if self.space.latent_frames(rounded.frames) < 2:
+            need = self.space.temporal + 1 if self.space.name == "wan-vae" else 2 * self.space.temporal
+            raise InputError(f"first-last-frame-to-video needs at least {need} frames on {self.space.name} (two latent "
+                             f"frames: one per conditioning frame), got frame_num {frame_num}")
+        last = fit_last_frame(last, *first.shape[-2:])
+
+        def condition():
+            a = self.space.prepare_image(first.to(self.device), rounded.height, rounded.width)
+            b = self.space.prepare_image(last.to(self.device), rounded.height, rounded.width)
+            with self._stage("image_encoder", self.image_encoder):
+                clip_in = [a, b] if self.space.clip_sees_resized else [first.to(self.device), last.to(self.device)]
+                clip_fea = self.image_encoder.encode(clip_in).to(self.device)
+            with self._stage("condition", self.space.model), torch.no_grad():
+                return clip_fea, self.space.image_condition(a, rounded.frames, last=b)
+
+        return self._generate(prompt, rounded, seed, settings, log, progress, condition)
+
+
 # ---- checks ------------------------------------------------------------------------------------
-def check_compatible(dit: WanModel, space: LatentSpace, *, i2v: bool) -> None:
-    """The DiT must take the latent space's channels (+ mask 4 + conditioning latent for I2V)."""
+def check_compatible(dit: WanModel, space: LatentSpace, *, i2v: bool, flf: bool = False) -> None:
+    """The DiT must take the latent space's channels (+ mask 4 + conditioning latent for I2V), and
+    FLF2V needs a DiT with positions over two frames' CLIP tokens."""
     cfg, c = dit.config, space.channels
     expected_in = 2 * c + 4 if i2v else c
     if cfg.out_dim != c or cfg.in_dim != expected_in:
@@ -395,16 +453,23 @@ def check_compatible(dit: WanModel, space: LatentSpace, *, i2v: bool) -> None:
     if (cfg.image_dim is not None) != i2v:
         kind = "an I2V" if cfg.image_dim is not None else "a T2V"
         raise CheckpointError(f"the DiT is {kind} model; pick the matching --task")
+    if i2v and (cfg.flf_pos_len is not None) != flf:
+        if flf:
+            raise CheckpointError("first-last-frame-to-video needs an FLF2V DiT (official Wan2.1-FLF2V-14B-720P: CLIP "
+                                  "positions over both frames, flf_pos_len 514); this one is image-to-video: use "
+                                  "--task i2v-14B --image")
+        raise CheckpointError("the DiT is a first-last-frame (FLF2V) model; use --task flf2v-14B with --first_frame "
+                              "and --last_frame")
 
 
-def _check_image(image: torch.Tensor) -> torch.Tensor:
+def _check_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4) or image.shape[-3] != 3:
-        raise InputError(f"image must be a [3, H, W] or [1, 3, H, W] tensor in [-1, 1], got {getattr(image, 'shape', image)}")
+        raise InputError(f"{name} must be a [3, H, W] or [1, 3, H, W] tensor in [-1, 1], got {getattr(image, 'shape', image)}")
     image = image if image.ndim == 4 else image[None]
     if image.shape[0] != 1:
-        raise InputError("one image at a time")
+        raise InputError("one image at a time" + ("" if name == "image" else f" ({name})"))
     if not torch.isfinite(image).all():
-        raise InputError("the image contains NaN/Inf values")
+        raise InputError(f"the {name} contains NaN/Inf values")
     return image.float()
 
 
