@@ -223,3 +223,22 @@ def test_cli_lora_on_the_demo_model(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main([*run, "--lora", str(tmp_path / "demo.safetensors"), "--lora_strength", "1", "--lora_strength", "2"]) == 3
     assert "--lora_strength" in capsys.readouterr().err
+
+
+def test_pipeline_merge_lora_changes_its_dit_as_the_function_does(tmp_path):
+    from dcvg_wan.pipelines import T2VPipeline
+    from tests.dcvg_wan.test_dcvg_release import dcgen_folder
+
+    pipe = T2VPipeline.from_pretrained(dcgen_folder(tmp_path / "DC-Gen-Wan2.1-T2V-14B", i2v=False), dtype=torch.float32)
+    reference = copy.deepcopy(pipe.dit)
+    state = {k.replace("self_attn.q", "self_attn.k"): v for k, v in comfy_lora(pipe.dit.config).items()
+             if "self_attn.q" in k}
+    save_file(state, str(tmp_path / "l.safetensors"))
+    report = pipe.merge_lora(tmp_path / "l.safetensors", strength=0.3)
+    merge_lora(reference, state, 0.3)
+    assert report.layers == [f"blocks.{i}.self_attn.k" for i in range(pipe.dit.config.num_layers)]
+    for key, value in reference.state_dict().items():
+        assert torch.equal(pipe.dit.state_dict()[key], value)
+    with pytest.raises(CheckpointError, match="match no layer"):
+        pipe.merge_lora({"diffusion_model.nope.lora_A.weight": torch.zeros(1, 1),
+                         "diffusion_model.nope.lora_B.weight": torch.zeros(1, 1)})

@@ -79,7 +79,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcvg-wan", description="Wan-2.1 text/image-to-video on DC-AE-V (DC-VideoGen).")
+    parser = argparse.ArgumentParser(prog="dcvg-wan", description="Wan-2.1 text/image/first-last-frame-to-video on DC-AE-V (DC-VideoGen) or the Wan VAE.")
     parser.add_argument("--version", action="version", version=f"dcvg-wan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokens and matmul FLOPs of one DiT forward for the base model on Wan-VAE latents and its "
         "DC-VideoGen variant on DC-AE-V latents, their ratio, and the paper's measured speedup.",
     )
-    cost.add_argument("--task", default="t2v-1.3B", help="model preset, e.g. t2v-1.3B, t2v-14B, i2v-14B (default t2v-1.3B)")
+    cost.add_argument("--task", default="t2v-1.3B", help="model preset, e.g. t2v-1.3B, t2v-14B, i2v-14B, flf2v-14B (default t2v-1.3B)")
     cost.add_argument("--size", help="W*H, comma-separated, or 480p/720p/1080p/2160p (default: all four)")
     cost.add_argument("--frame_num", type=int, default=81, help="frames of the video (default 81)")
     cost.set_defaults(func=cmd_cost)
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = sub.add_parser(
         "generate",
-        help="text/image to video (the official generate.py flags, plus --ae/--dcae_ckpt/--attention)",
+        help="text/image/first-last-frame to video (the official generate.py flags, plus --ae/--dcae_ckpt/--lora/--attention)",
         description="Generate a video with Wan-2.1 (--ae wan-vae) or DC-VideoGen (--ae dcae-v). Without --ckpt_dir "
         "the embedded demo model runs (a toy T2V model on DC-AE-V latents).",
     )

@@ -224,6 +224,15 @@ class WanPipeline:
         )
 
     # ---- stages --------------------------------------------------------------------------------
+    def merge_lora(self, lora: str | os.PathLike | dict, strength: float = 1.0):
+        """Merge a Wan-2.1 LoRA (a .safetensors file, a diffusers/peft folder or a state dict of
+        ComfyUI, kohya, diffusers or peft keys) into the DiT's weights (`dcvg_wan.lora`). Returns
+        the LoraReport; a LoRA for another model raises CheckpointError and changes nothing."""
+        from dcvg_wan.lora import merge_lora, read_lora_file
+
+        state = lora if isinstance(lora, dict) else read_lora_file(lora)
+        return merge_lora(self.dit, state, strength, "" if isinstance(lora, dict) else str(lora))
+
     def _stage(self, name: str, module=None, device=None) -> _Stage:
         return _Stage(self, name, module, device or self.device)
 
