@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="text/image/first-last-frame to video (the official generate.py flags, plus --ae/--dcae_ckpt/--lora/--attention)",
         description="Generate a video with Wan-2.1 (--ae wan-vae) or DC-VideoGen (--ae dcae-v). Without --ckpt_dir "
-        "the embedded demo model runs (a toy T2V model on DC-AE-V latents).",
+        "the embedded demo model runs (a toy T2V model on DC-AE-V latents). NVIDIA's DC-Gen generate.py words "
+        "(task=t2v prompt=... steps=... seed=... save_path=...) are read as these flags, with a note.",
     )
     add_arguments(generate)
     generate.set_defaults(func=cmd_generate)
