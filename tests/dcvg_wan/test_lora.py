@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from dcvg_wan import WanModel, get_preset
-from dcvg_wan.errors import CheckpointError
+from dcvg_wan.errors import CheckpointError, InputError
 from dcvg_wan.layouts import to_official
 from dcvg_wan.lora import merge_lora, read_lora_file
 from tests.dcvg_wan.conftest import make_inputs, make_model, randomize_
@@ -242,3 +242,41 @@ def test_pipeline_merge_lora_changes_its_dit_as_the_function_does(tmp_path):
     with pytest.raises(CheckpointError, match="match no layer"):
         pipe.merge_lora({"diffusion_model.nope.lora_A.weight": torch.zeros(1, 1),
                          "diffusion_model.nope.lora_B.weight": torch.zeros(1, 1)})
+
+
+def test_a_diffusers_lora_file_uses_the_alpha_in_its_header(tmp_path):
+    """diffusers' save_lora_weights keeps lora_alpha/r in the safetensors header (lora_adapter_metadata):
+    a LoRA trained with alpha != r merges as diffusers loads it back."""
+    from diffusers import WanPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from tests.dcvg_wan.test_parity_diffusers import diffusers_forward, diffusers_twin
+
+    cfg = get_preset("debug-t2v")
+    ref = diffusers_twin(cfg, 0, randomize_)
+    ours = WanModel(cfg).eval()
+    ours.load_state_dict(to_official(ref.state_dict(), "diffusers"))
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    ref.add_adapter(config, adapter_name="default")
+    WanPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(ref),
+                                  transformer_lora_adapter_metadata=config.to_dict())
+    merge_lora(ours, read_lora_file(tmp_path))
+    inputs = make_inputs(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs), diffusers_forward(ref, cfg, inputs), rtol=0, atol=1e-4)
+
+
+def test_a_refused_lora_changes_nothing_and_bad_strengths_or_files_are_refused(tmp_path):
+    model = make_model("debug-t2v")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = comfy_lora(model.config)  # block 0 fits; block 1's q is made for another width
+    state["diffusion_model.blocks.1.self_attn.q.lora_down.weight"] = torch.zeros(4, 7)
+    with pytest.raises(CheckpointError, match="blocks.1.self_attn.q"):
+        merge_lora(model, state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(InputError, match="finite"):
+        merge_lora(model, comfy_lora(model.config), strength=float("nan"))
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(CheckpointError, match="no tensors"):
+        read_lora_file(tmp_path / "empty.safetensors")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import time
@@ -248,6 +249,8 @@ def _run(args: argparse.Namespace, log) -> Path | None:
     if args.lora and len(strengths) not in (1, len(args.lora)):
         raise InputError(f"{len(args.lora)} --lora files and {len(strengths)} --lora_strength values: give one strength "
                          "for all, or one per file")
+    if not all(math.isfinite(x) for x in strengths):
+        raise InputError(f"--lora_strength must be finite numbers, got {strengths}")
     loras = [(path, read_lora_file(path)) for path in args.lora]  # before the (slow) model loading
     if args.lora_strength and not args.lora:
         raise InputError("--lora_strength without --lora: name the LoRA file(s) with --lora PATH")

@@ -17,6 +17,8 @@ diffusers paths (`blocks.0.attn1.to_q`, via `layouts.diffusers`) and kohya's fla
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ PARTS = {
 }
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "dit.")
 KOHYA = "lora_unet_"
+DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers' safetensors header with the peft config
 DIFFUSERS_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 
 
@@ -55,7 +58,7 @@ class LoraReport:
 
 def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A .safetensors LoRA file, or a folder holding diffusers'/peft's weights file."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     p = Path(path)
@@ -70,27 +73,39 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise InputError(f"--lora {p}: LoRAs are read from .safetensors files (convert a .pt/.ckpt first)")
     try:
         state = load_file(str(p))
+        with safe_open(str(p), framework="pt") as f:
+            metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"--lora {p}: cannot read it as safetensors ({e})") from None
+    if not state:
+        raise CheckpointError(f"--lora {p}: the file holds no tensors")
     config = p.parent / "adapter_config.json"
     if p.name == "adapter_model.safetensors" and config.is_file():
-        state = _with_peft_alpha(state, config)
+        try:
+            peft_config = json.loads(config.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"--lora: cannot read {config}: {e}") from None
+        state = _with_alpha(state, peft_config, str(config))
+    elif metadata.get(DIFFUSERS_METADATA):  # diffusers' save_lora_weights(..., *_lora_adapter_metadata=)
+        try:
+            raw = json.loads(metadata[DIFFUSERS_METADATA])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"--lora {p}: unreadable {DIFFUSERS_METADATA} header ({e})") from None
+        state = _with_alpha(state, {k.rpartition(".")[2] if k.startswith("transformer.") else k: v
+                                    for k, v in raw.items()}, f"{p} ({DIFFUSERS_METADATA})")
     return state
 
 
-def _with_peft_alpha(state: dict[str, torch.Tensor], config_path: Path) -> dict[str, torch.Tensor]:
-    """A peft adapter keeps lora_alpha in adapter_config.json, not in the weights: add it per layer
-    (else the update would be off by alpha / rank)."""
-    import json
-
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"--lora: cannot read {config_path}: {e}") from None
+def _with_alpha(state: dict[str, torch.Tensor], config: dict, source: str) -> dict[str, torch.Tensor]:
+    """peft (adapter_config.json) and diffusers (the file's lora_adapter_metadata) keep lora_alpha
+    and r beside the weights, not in them: add the alpha per layer (else the update would be off by
+    alpha / rank)."""
     if config.get("use_rslora") or config.get("alpha_pattern") or config.get("rank_pattern") or config.get("use_dora"):
-        raise CheckpointError(f"--lora {config_path.parent}: rsLoRA, DoRA and per-layer rank/alpha patterns are not "
-                              "supported; merge the adapter with peft (merge_and_unload) first")
-    alpha = torch.tensor(float(config.get("lora_alpha", config.get("r", 8))))
+        raise CheckpointError(f"--lora {source}: rsLoRA, DoRA and per-layer rank/alpha patterns are not supported; "
+                              "merge the adapter with peft (merge_and_unload) first")
+    if "lora_alpha" not in config:
+        return state
+    alpha = torch.tensor(float(config["lora_alpha"]))
     out = dict(state)
     for key in state:
         if key.endswith(".lora_A.weight"):
@@ -154,8 +169,12 @@ def group_lora(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, di
 @torch.no_grad()
 def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], strength: float = 1.0,
                path: str = "") -> LoraReport:
-    """Merge a LoRA state dict into `model`'s weights (in place; see the module docstring)."""
+    """Merge a LoRA state dict into `model`'s weights (in place; see the module docstring). Every
+    layer is checked before any weight changes: a refused LoRA leaves the model as it was."""
+    if not math.isfinite(strength):
+        raise InputError(f"LoRA strength must be a finite number, got {strength}")
     report = LoraReport(path, strength)
+    updates = []  # (parameter, delta) once everything is checked
     for name, parts in sorted(group_lora(state, model).items()):
         module = model.get_submodule(name)
         weight = getattr(module, "weight", None)
@@ -169,8 +188,7 @@ def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], strength: float
                 raise CheckpointError(f"LoRA layer {name}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not "
                                       f"fit the weight {tuple(weight.shape)} (a LoRA for another model size?)")
             scale = float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0
-            delta = (up.to(weight.device) @ down.to(weight.device)) * (strength * scale)
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+            updates.append((weight, up, down, strength * scale))
             report.layers.append(name)
         for part, param in (("diff", weight), ("diff_b", getattr(module, "bias", None)),
                             ("up_bias", getattr(module, "bias", None))):
@@ -183,6 +201,9 @@ def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], strength: float
             if not delta.any():
                 report.skipped.append(f"{name}.{part}")
                 continue
-            param.copy_((param.float() + strength * delta.to(param.device)).to(param.dtype))
+            updates.append((param, delta, None, strength))
             report.diffs.append(f"{name}.{part}")
+    for param, a, b, factor in updates:
+        delta = a.to(param.device) if b is None else a.to(param.device) @ b.to(param.device)
+        param.copy_((param.float() + factor * delta).to(param.dtype))
     return report
