@@ -52,6 +52,13 @@ def test_other_wordings_of_a_scene_read_as_its_caption(tokenizer):
     ("a purple cube moving from the top", "a purple square moving down"),
     ("Cyan disc, downward, black bg", "a cyan circle moving down on a black background"),
     ("a white circle moving left on gray", "a white circle moving left on a gray background"),
+    ("a red circle moving left to right", "a red circle moving right"),
+    ("a red circle moving left-to-right on a navy background", "a red circle moving right on a navy background"),
+    ("From top to bottom, a blue dot slides", "a blue circle moving down"),
+    ("a red circle starting on the left, moving right", "a red circle moving right"),
+    ("a red circle on the left moving right on a navy background", "a red circle moving right on a navy background"),
+    ("The background is black and a red circle moves right", "a red circle moving right on a black background"),
+    ("a red circle moves right, background: navy", "a red circle moving right on a navy background"),
 ])
 def test_hand_written_wordings(tokenizer, typed, caption):
     assert demo_prompt(typed, tokenizer).text == caption
@@ -60,10 +67,32 @@ def test_hand_written_wordings(tokenizer, typed, caption):
 def test_what_cannot_be_drawn_is_reported_not_lost(tokenizer):
     read = demo_prompt("a red circle and a blue square chasing a cat leftwards", tokenizer)
     assert read.text == "a red circle moving left"
-    assert read.unused == ["blue", "square"] and read.dropped == ["chasing", "cat"]
+    assert [w for w, _ in read.unused] == ["blue", "square"] and read.dropped == ["chasing", "cat"]
     assert read.substituted == [("leftwards", "left")]
     note = read.note()
     assert all(w in note for w in ("blue", "square", "chasing", "cat", "'leftwards' as 'left'", repr(read.text)))
     # nothing the demo knows: its known words are kept in the user's order, the rest named
     read = demo_prompt("a dog in a park", tokenizer)
     assert read.text == "a a" and read.dropped == ["dog", "park"]
+
+
+@pytest.mark.parametrize("typed, caption, reason", [
+    ("a red circle moving right on a white background", "a red circle moving right", "the demo's backgrounds are"),
+    ("a circle moving right on a red background", "a circle moving right", "the demo's backgrounds are"),
+    ("a black circle moving up", "a circle moving up", "the demo's shapes are"),
+    ("a red circle moving right, then up", "a red circle moving right", "moves the shape one way"),
+])
+def test_words_outside_what_the_demo_learnt_are_named_with_the_reason(tokenizer, typed, caption, reason):
+    read = demo_prompt(typed, tokenizer)
+    assert read.text == caption and reason in read.note()
+
+
+@pytest.mark.parametrize("typed", ["", "赤い円が右に動く", "!!!"])
+def test_a_prompt_with_no_known_word_says_it_runs_unconditioned(tokenizer, typed):
+    read = demo_prompt(typed, tokenizer)
+    assert read.text == "" and "empty prompt" in read.note()
+
+
+def test_reversed_directions_are_named(tokenizer):
+    note = demo_prompt("a red ball drifts from the left", tokenizer).note()
+    assert "read 'from the left' (where it starts) as moving right" in note

@@ -55,19 +55,24 @@ class DemoPrompt:
     typed: str  # the user's words, lower case, punctuation gone
     substituted: list[tuple[str, str]] = field(default_factory=list)  # (the user's word, the caption's word)
     dropped: list[str] = field(default_factory=list)  # words outside the vocabulary
-    unused: list[str] = field(default_factory=list)  # known words the one-shape caption has no slot for
+    unused: list[tuple[str, str]] = field(default_factory=list)  # (known word, why the caption has no place for it)
+    readings: list[str] = field(default_factory=list)  # phrases read as something else ("from the top" -> down)
     vocabulary: list[str] = field(default_factory=list)
 
     def note(self) -> str | None:
         """One line for the CLI, or None when nothing was read differently from what was typed."""
         parts = []
         if self.substituted:
-            parts.append("read " + ", ".join(f"{a!r} as {b!r}" for a, b in self.substituted))
-        if self.unused:
-            parts.append(f"ignored {', '.join(self.unused)} (the demo draws one shape, one direction, one background)")
+            parts.append("read " + ", ".join(f"{a!r} as {b!r}" for a, b in dict.fromkeys(self.substituted)))
+        parts += self.readings
+        for reason in dict.fromkeys(r for _, r in self.unused):
+            words = dict.fromkeys(w for w, r in self.unused if r == reason)
+            parts.append(f"ignored {', '.join(words)} ({reason})")
         if self.dropped:
-            parts.append(f"dropped {', '.join(self.dropped)} (the demo model knows only the words "
+            parts.append(f"dropped {', '.join(dict.fromkeys(self.dropped))} (the demo model knows only the words "
                          f"{', '.join(self.vocabulary)})")
+        if not self.text:
+            parts.append("no word the demo knows is left: it runs with an empty prompt (unconditioned)")
         if not parts and self.text != self.typed:
             parts.append("put in the order of its captions")
         if not parts:
@@ -75,39 +80,85 @@ class DemoPrompt:
         return f"note: demo model: {'; '.join(parts)}; prompt used: {self.text!r}"
 
 
-def canonical_caption(words: list[str]) -> tuple[str, list[str]] | None:
-    """(the template caption for the slots these words fill, the slot words it has no place for, e.g. a
-    second shape), or None if they name no colour, shape or direction. `words` are caption words
-    and fillers. The background is the colour right before "background", else the first colour after
-    "on"; a direction after "from" (and "the") is where the shape starts, so it moves the other way."""
+@dataclass
+class _Reading:
+    text: str
+    unused: list[tuple[str, str]]
+    readings: list[str]
+
+
+def _skip_the(words: list[str], i: int, step: int) -> int:
+    """Index of the next word from i in direction step that is not "the"/"a" (or -1 / len)."""
+    while 0 <= i < len(words) and words[i] in ("the", "a"):
+        i += step
+    return i
+
+
+def _direction(words: list[str], typed: list[str]) -> tuple[int, str, list[int], str | None] | None:
+    """(index, direction, indices of the direction words it consumed, a reading note) or None.
+    Priority: "X to Y" -> Y; the word right after "moving"; "from X" -> the opposite of X;
+    "to(wards) X" -> X; else the first direction word."""
+    idx = [i for i, w in enumerate(words) if w in DIRECTIONS]
+    if not idx:
+        return None
+    for i in idx:  # "left to right", "from the top to the bottom"
+        j = _skip_the(words, i + 2, 1) if words[i + 1 : i + 2] == ["to"] else -1
+        if 0 <= j < len(words) and words[j] in DIRECTIONS:
+            return j, words[j], [i, j], f"read '{typed[i]} to {typed[j]}' as moving {words[j]}"
+    for i in idx:
+        if _skip_the(words, i - 1, -1) >= 0 and words[_skip_the(words, i - 1, -1)] == "moving":
+            return i, words[i], [i], None
+    for i in idx:
+        k = _skip_the(words, i - 1, -1)
+        if k >= 0 and words[k] == "from":
+            return i, _ORIGINS[words[i]], [i], f"read 'from the {typed[i]}' (where it starts) as moving {_ORIGINS[words[i]]}"
+    for i in idx:
+        k = _skip_the(words, i - 1, -1)
+        if k >= 0 and words[k] in ("to", "toward", "towards"):
+            return i, words[i], [i], None
+    return idx[0], words[idx[0]], [idx[0]], None
+
+
+def canonical_caption(words: list[str], typed: list[str] | None = None) -> _Reading | None:
+    """The template caption for the slots these words fill (caption words and fillers), with the slot
+    words it has no place for and why, or None if they name no colour, shape or direction.
+    The background is the colour right before "background", else right after it ("background is
+    navy"), else the first colour after "on"; only the demo's backgrounds can be one."""
     colors = [(i, w) for i, w in enumerate(words) if w in COLORS or w in BACKGROUNDS]
-    background = next(((i, w) for i, w in colors if words[i + 1 : i + 2] == ["background"]), None)
-    if background is None and "on" in words:
+    said = next(((i, w) for i, w in colors if words[i + 1 : i + 2] == ["background"]), None)
+    if said is None and "background" in words:
+        k = _skip_the(words, words.index("background") + 1, 1)
+        k = k + 1 if words[k : k + 1] in (["is"], ["are"]) else k
+        said = next(((i, w) for i, w in colors if i == k), None)
+    if said is None and "on" in words:
         on = words.index("on")
-        background = next(((i, w) for i, w in colors if i > on), None)
-    color = next(((i, w) for i, w in colors if (i, w) != background and w in COLORS), None)
+        said = next(((i, w) for i, w in colors if i > on), None)
+    unused = []
+    background = said
+    if said is not None and said[1] not in BACKGROUNDS:
+        unused.append((said[1], f"as a background: the demo's backgrounds are {', '.join(BACKGROUNDS)}"))
+        background = None
+    color = next(((i, w) for i, w in colors if (i, w) != said and w in COLORS), None)
     shape = next(((i, w) for i, w in enumerate(words) if w in SHAPES), None)
-    direction, origins = None, []
-    for i, w in enumerate(words):
-        if w not in DIRECTIONS:
-            continue
-        before = [x for x in words[max(0, i - 2) : i] if x != "the"]
-        if before[-1:] == ["from"]:
-            origins.append(i)
-            direction = direction or (i, _ORIGINS[w])
-        else:
-            direction = (i, w)
-            break
-    if not (color or shape or direction):
+    found = _direction(words, typed or words)
+    if not (color or shape or found):
         return None
     text = " ".join(["a"] + [slot[1] for slot in (color, shape) if slot is not None])
-    if direction or "moving" in words:
-        text += " moving" + (f" {direction[1]}" if direction else "")
+    if found or "moving" in words:
+        text += " moving" + (f" {found[1]}" if found else "")
     if background:
         text += f" on a {background[1]} background"
-    used = {slot[0] for slot in (color, shape, background, direction) if slot is not None} | set(origins)
-    slots = set(COLORS + BACKGROUNDS + SHAPES + DIRECTIONS)
-    return text, [w for i, w in enumerate(words) if w in slots and i not in used]
+    used = {slot[0] for slot in (color, shape, said) if slot is not None} | set(found[2] if found else ())
+    for i, w in enumerate(words):
+        if i in used:
+            continue
+        if w in BACKGROUNDS and w not in COLORS:
+            unused.append((w, f"as a shape colour: the demo's shapes are {', '.join(COLORS)}"))
+        elif w in COLORS or w in SHAPES:
+            unused.append((w, "the demo draws one shape in one colour"))
+        elif w in DIRECTIONS:
+            unused.append((w, "the demo moves the shape one way"))
+    return _Reading(text, unused, [found[3]] if found and found[3] else [])
 
 
 def demo_prompt(prompt: str, tokenizer_dir: Path) -> DemoPrompt:
@@ -116,23 +167,21 @@ def demo_prompt(prompt: str, tokenizer_dir: Path) -> DemoPrompt:
 
     tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
     vocab = {w for w in tokenizer.get_vocab() if not w.startswith("<")}
-    kept, substituted, dropped = [], [], []
+    kept, substituted, dropped, origins = [], [], [], []  # origins: the user's word behind each kept one
     typed = re.findall(r"[a-z0-9]+", prompt.lower())
     for word in typed:
         singular = word[:-1] if word.endswith("s") else None  # "circles", "squares"
-        if word in vocab:
+        if word in vocab or word in FILLERS:
             kept.append(word)
         elif SYNONYMS.get(word) in vocab or (singular in vocab and singular in SHAPES):
             kept.append(SYNONYMS.get(word) or singular)
             substituted.append((word, kept[-1]))
-        elif word in FILLERS:
-            kept.append(word)
         else:
             dropped.append(word)
+            continue
+        origins.append(word)
     grammar = set(COLORS + SHAPES + DIRECTIONS + BACKGROUNDS) | {"a", "moving", "on", "background"}
-    read = canonical_caption(kept) if grammar <= vocab else None
+    read = canonical_caption(kept, origins) if grammar <= vocab else None
     if read is None:  # not the demo's captions: keep the known words in the user's order
-        text, unused = " ".join(w for w in kept if w in vocab), []
-    else:
-        text, unused = read
-    return DemoPrompt(text, " ".join(typed), substituted, dropped, unused, sorted(vocab))
+        read = _Reading(" ".join(w for w in kept if w in vocab), [], [])
+    return DemoPrompt(read.text, " ".join(typed), substituted, dropped, read.unused, read.readings, sorted(vocab))
