@@ -99,6 +99,18 @@ def test_jsonl_list_and_overrides(tmp_path):
         "embedder": {"steps": 10}, "lora_rank": 8, "name": "abc"}
 
 
+@pytest.mark.parametrize("override, message", [
+    ({"lora": {"ema_decay": 1.5}}, "ema_decay must be in"),
+    ({"lora": {"ema_decay": "abc"}}, "expected a number"),
+    ({"embedder": {"no_such_field": 1}}, "bad override"),
+])
+def test_bad_train_overrides_are_input_errors(override, message):
+    from dcvg_wan.adapt_command import _apply_overrides
+
+    with pytest.raises(InputError, match=message):
+        _apply_overrides("debug", override)
+
+
 def test_resize_crop_covers_then_centres():
     x = torch.arange(2 * 3 * 40 * 80, dtype=torch.float32).reshape(3, 2, 40, 80)
     y = resize_crop(x, 20, 20)

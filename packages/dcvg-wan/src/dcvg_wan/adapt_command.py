@@ -148,10 +148,15 @@ def _apply_overrides(preset_name: str, overrides: dict) -> dict:
             raise InputError(f"unknown ae-adapt preset field {key!r}")
         current = getattr(base, key)
         if isinstance(value, dict):
+            for field, given in value.items():
+                had = getattr(current, field, None)
+                if isinstance(had, int | float) and not isinstance(had, bool) and not (
+                        isinstance(given, int | float) and not isinstance(given, bool)):
+                    raise InputError(f"--set {key}.{field}: expected a number, got {given!r}")
             try:
                 kwargs[key] = current.replace(**value)
-            except TypeError as err:
-                raise InputError(f"bad override for {key}: {err}") from err
+            except (TypeError, ValueError) as err:
+                raise InputError(f"bad override {key}.{', '.join(value)}: {err}") from err
         else:
             kwargs[key] = tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
     return kwargs
