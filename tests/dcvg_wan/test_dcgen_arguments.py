@@ -31,6 +31,8 @@ def test_nvidia_words_give_the_namespace_of_our_flags(parser):
     tokens, note = translate(words, parser)
     assert vars(parser.parse_args(tokens)) == vars(parser.parse_args(flags))
     assert note.startswith("note: read NVIDIA's generate.py arguments as") and "steps=50 -> --sample_steps 50" in note
+    assert translate(["use_expander=no"], parser) == ([], "note: read NVIDIA's generate.py arguments as use_expander=no (off, as here)")
+    assert parser.parse_args(translate(["task=T2V", "--ckpt_dir", "x"], parser)[0]).task == "t2v-14B"
     i2v, _ = translate(["task=i2v", "input_image_path=cat.jpg", "--ckpt_dir", "x"], parser)
     assert parser.parse_args(i2v).task == "i2v-14B" and parser.parse_args(i2v).image == "cat.jpg"
 
@@ -46,6 +48,8 @@ def test_flag_values_with_equals_signs_are_left_alone(parser):
     (["width=1024", "--ckpt_dir", "x"], "--size W\\*H"),
     (["use_expander=yes"], "not implemented"),
     (["stepz=3"], "not one of NVIDIA's generate.py keys"),
+    (["prompt=a", "prompt=b"], "--prompt given twice"),
+    (["steps=2", "--sample_steps", "3"], "--sample_steps given twice"),
 ])
 def test_what_cannot_be_done_the_same_way_is_refused(parser, words, message):
     with pytest.raises(InputError, match=message):

@@ -47,6 +47,7 @@ def translate(tokens: list[str], parser: argparse.ArgumentParser) -> tuple[list[
             raise InputError(f"{token!r}: not a flag, and {key!r} is not one of NVIDIA's generate.py keys "
                              f"({', '.join(KEYS)}); see dcvg-wan generate --help")
         if key == "task":
+            value = value.lower()  # as NVIDIA's generate.py
             if value not in TASKS:
                 raise InputError(f"task={value}: NVIDIA's generate.py task is not DC-VideoGen here; this command runs "
                                  f"task=t2v and task=i2v (t2i_1k/t2i_4k/edit are DC-Gen image models)")
@@ -58,12 +59,17 @@ def translate(tokens: list[str], parser: argparse.ArgumentParser) -> tuple[list[
         elif key == "use_expander":
             if value.lower() in ("yes", "true", "1"):
                 raise InputError("use_expander: prompt extension (Qwen) is not implemented; pass the extended prompt")
+            read.append(f"{token} (off, as here)")
             continue
         else:
             out += [FLAGS[key], value]
-        read.append(f"{token} -> {' '.join(out[-2:]) if key != 'use_expander' else ''}".strip())
+        read.append(f"{token} -> {' '.join(out[-2:])}")
     if not read:
         return tokens, None
+    given = [t.split("=", 1)[0] for t in out if t.startswith("--")]
+    twice = sorted({f for f in given if given.count(f) > 1})
+    if twice:
+        raise InputError(f"{', '.join(twice)} given twice (as a key=value word and/or a flag): say each once")
     if task is not None and "--ckpt_dir" not in {t.split("=", 1)[0] for t in out}:
         raise InputError(f"task={task}: NVIDIA's generate.py downloads {REPOS[task]}; nothing is downloaded here: "
                          f"fetch it yourself and pass --ckpt_dir with that folder")
