@@ -415,3 +415,17 @@ def test_dcgen_folders_sample_on_diffusers_grid_wan_folders_on_the_official_one(
     on_grid = pipe("a red circle", **run)
     pipe.scheduler = dataclasses.replace(pipe.scheduler, grid="wan")
     assert not torch.equal(pipe("a red circle", **run).latent, on_grid.latent)
+
+
+def test_a_task_that_does_not_fit_a_dcgen_folder_says_which_fits(tmp_path, capsys):
+    from dcvg_wan.cli import main
+    from dcvg_wan.pipelines import write_png
+
+    i2v = dcgen_folder(tmp_path / "DC-Gen-Wan2.1-I2V-14B", i2v=True)
+    t2v = dcgen_folder(tmp_path / "DC-Gen-Wan2.1-T2V-14B", i2v=False)
+    assert main(["generate", "--ckpt_dir", str(i2v), "--task", "t2v-14B", "--prompt", "x"]) == 3
+    assert "its DiT (transformer/config.json) is image-to-video; drop --task" in capsys.readouterr().err
+    image = tmp_path / "a.png"
+    write_png(image, _uint8_image(32, 32))
+    assert main(["generate", "--ckpt_dir", str(t2v), "--task", "i2v-14B", "--image", str(image), "--prompt", "x"]) == 3
+    assert "is text-to-video; drop --task" in capsys.readouterr().err

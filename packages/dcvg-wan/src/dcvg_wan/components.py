@@ -85,6 +85,16 @@ def folder_is_i2v(ckpt_dir: str | os.PathLike | None) -> bool:
     return read_config(root / "transformer" / "config.json").get("image_dim") is not None
 
 
+def folder_dit_is_i2v(ckpt_dir: str | os.PathLike | None) -> bool | None:
+    """For a DC-Gen folder with one DiT (`transformer/config.json`): whether that DiT is I2V (has an
+    image path); None for any other folder, where --task picks the DiT."""
+    if not is_dcvg_folder(ckpt_dir) or not (Path(ckpt_dir) / "transformer" / "config.json").is_file():
+        return None
+    from dcvg_wan.config_json import read_config
+
+    return read_config(Path(ckpt_dir) / "transformer" / "config.json").get("image_dim") is not None
+
+
 def _first(candidates: list[Path], what: str, looked: list[str], check=Path.exists) -> Path | None:
     for c in candidates:
         if check(c):

@@ -177,6 +177,15 @@ def _run(args: argparse.Namespace, log) -> Path | None:
     # NVIDIA's DC-Gen folders hold one task each: an I2V folder runs I2V without --task
     task = args.task or (EMBEDDED if embedded else "i2v-14B" if folder_is_i2v(args.ckpt_dir) else "t2v-14B")
     task_from_folder = args.task is None and task == "i2v-14B"
+    if args.task is not None and not embedded and args.task in TASKS:
+        from dcvg_wan.components import folder_dit_is_i2v
+
+        dit_i2v = folder_dit_is_i2v(args.ckpt_dir)
+        if dit_i2v is not None and dit_i2v != args.task.startswith(("i2v", "flf2v")):
+            kind = "image-to-video" if dit_i2v else "text-to-video"
+            raise InputError(f"--task {args.task} does not fit {args.ckpt_dir}: its DiT (transformer/config.json) is "
+                             f"{kind}; drop --task (the folder's task is taken) or use "
+                             f"{'i2v-14B (or flf2v-14B for an FLF2V DiT)' if dit_i2v else 't2v-14B'}")
     defaults: dict = {}
     paths = None
     if task in NOT_SUPPORTED:
