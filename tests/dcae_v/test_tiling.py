@@ -41,10 +41,14 @@ def test_streams_of_uneven_pieces_equal_one_shot():
 @torch.no_grad()
 def test_stream_with_larger_tiles_and_spatial_tiles():
     model = _model()
-    x = torch.rand(1, 3, 24, 96, 64) * 2 - 1
-    one = torch.cat(list(model.encode_stream([x], tile_size=64)), dim=2)
-    assert (one - model.encode(x, frames_per_tile=8, tile_size=64)).abs().max() <= 1e-5
-    assert (one - torch.cat(list(model.encode_stream([x], frames_per_tile=16, tile_size=64)), dim=2)).abs().max() <= 1e-5
+    x = torch.rand(1, 3, 24, 192, 160) * 2 - 1
+    one = torch.cat(list(model.encode_stream([x], tile_size=128)), dim=2)
+    assert (one - model.encode(x, frames_per_tile=8, tile_size=128)).abs().max() <= 1e-5
+    assert (one - torch.cat(list(model.encode_stream([x], frames_per_tile=16, tile_size=128)), dim=2)).abs().max() <= 1e-5
+    with pytest.raises(InputError, match="too small to blend"):  # tiles of 64 px would not overlap at f32
+        model.encode(x, tile_size=64)
+    with pytest.raises(InputError, match="too small to blend"):
+        model.decode(one, tile_size=96)
 
 
 def test_streaming_errors_are_clear():
@@ -73,12 +77,12 @@ def test_spatial_blend_is_a_partition_of_unity():
 @torch.no_grad()
 def test_spatial_tiles_shape_and_closeness():
     model = _model()
-    x = torch.rand(1, 3, 8, 160, 96) * 2 - 1
+    x = torch.rand(1, 3, 8, 256, 160) * 2 - 1
     z = model.encode(x)
-    zt = model.encode(x, tile_size=64)
+    zt = model.encode(x, tile_size=128)
     assert zt.shape == z.shape
-    assert torch.equal(model.encode(x, tile_size=160), z)  # one tile covers it: exact
-    y, yt = model.decode(z), model.decode(z, tile_size=64)
+    assert torch.equal(model.encode(x, tile_size=256), z)  # one tile covers it: exact
+    y, yt = model.decode(z), model.decode(z, tile_size=128)
     assert yt.shape == y.shape and torch.isfinite(yt).all()
     with pytest.raises(InputError, match="multiple of 32"):
         model.decode(z, tile_size=48)

@@ -125,6 +125,11 @@ class _SpatialTiler:
         self.caches: dict[tuple[int, int], dict] | None = {} if stream else None
         if tile is not None and (tile <= 0 or tile % multiple):
             raise InputError(f"tile_size must be a positive multiple of {multiple}, got {tile}")
+        if tile is not None and (tile // 4) // multiple * multiple == 0:  # tiles would not overlap: seams
+            px = multiple * 4 if ratio < 1 else 4
+            unit = "pixels" if ratio < 1 else "latent pixels (decode tile_size / the spatial compression)"
+            raise InputError(f"tile_size {tile} is too small to blend: tiles overlap by a quarter of a tile, at least "
+                             f"one latent pixel, so the tile must be at least {px} {unit}")
 
     def _cache(self, key: tuple[int, int]) -> dict | None:
         return None if self.caches is None else self.caches.setdefault(key, {})
