@@ -332,6 +332,7 @@ def test_cli_runs_nvidias_t2v_folder_without_flags_with_seed_42(tmp_path, capsys
     assert code == 0, err
     assert out.is_file() and "seed 42;" in log and "8 frames of 64*32" in log
     assert "task t2v-14B, autoencoder dcae-v (from the folder: DC-AE-V weights, no Wan VAE)" in log
+    assert "sampling: unipc, 1 steps, shift 7 (" in log and "scheduler_config.json), guidance 5, diffusers sigma grid" in log
 
 
 def test_cli_runs_nvidias_i2v_folder_with_center_crop_clip(tmp_path, capsys):

@@ -306,6 +306,10 @@ class WanPipeline:
         steps, shift, guide_scale, solver, negative_prompt = settings
         for note in rounded.notes:
             (log or print)(f"note: {note}")
+        if log is not None:  # the settings actually used, defaults resolved (CLI)
+            source = f" ({self.scheduler.source})" if self.scheduler is not None and shift == self.scheduler.shift else ""
+            log(f"sampling: {solver}, {steps} steps, shift {shift:g}{source}, guidance {guide_scale:g}, "
+                f"{self._grid(solver)} sigma grid")
         seed = resolve_seed(seed)
         context, context_null = self.encode_text(prompt, negative_prompt)
         clip_fea, y = condition() if condition is not None else (None, None)
