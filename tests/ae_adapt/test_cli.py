@@ -161,3 +161,9 @@ def test_closed_stdout_pipe_exits_quietly(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["presets"]) == 141
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_export_lora_refuses_a_non_safetensors_name(tmp_path, capsys):
+    adapter = _adapter(tmp_path)
+    assert main(["export-lora", str(adapter), "-o", str(tmp_path / "l.pt")]) == 3
+    assert "name it .safetensors" in capsys.readouterr().err and not (tmp_path / "l.pt").exists()

@@ -64,6 +64,9 @@ def _export_lora(args: argparse.Namespace) -> int:
     from ae_adapt.lora_io import adapter_layer_names, convert_peft_adapter, wrapper_prefix
 
     check_output_file(args.out)
+    if not str(args.out).endswith(".safetensors"):
+        raise OutputError(f"-o {args.out}: the export is a safetensors file (what ComfyUI and kohya load): "
+                          "name it .safetensors")
     strip = args.strip_prefix
     if strip is None:  # not given: drop a wrapper's prefix that the plain model's keys lack
         strip = wrapper_prefix(adapter_layer_names(args.adapter_dir))
