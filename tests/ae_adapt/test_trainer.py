@@ -172,3 +172,17 @@ def test_fsdp2_lora_stage_equals_one_process(one_and_two_processes):
     torch.testing.assert_close(torch.tensor(two["losses"][3:]), torch.tensor(one["losses"][3:]), rtol=0, atol=1e-6)
     for k, v in one["state"].items():
         torch.testing.assert_close(two["state"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_resumed_run_logs_each_step_once(base_dit, pairs, tmp_path):
+    """A run killed after logging steps past its last checkpoint logs them again when resumed: the
+    log then holds each step once, as an uninterrupted run's."""
+    cfg = _cfg(log_every=1, ckpt_every=2)
+    align_head(_model(base_dit), pairs, cfg, tmp_path / "a", out_channels=8, patch=(1, 1, 1))
+    align_head(_model(base_dit), pairs, cfg, tmp_path / "b", out_channels=8, patch=(1, 1, 1), stop_at=2)
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # what a kill at step 3 leaves behind
+        f.write('{"stage": "x", "step": 3, "loss": 0}\n')
+    align_head(_model(base_dit), pairs, cfg, tmp_path / "b", out_channels=8, patch=(1, 1, 1))
+    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b]

@@ -306,7 +306,21 @@ class Trainer:
             self.ema = {n: _like_param(state["ema"][n], params[n]) for n in self.names}
         self.step, self.finished, self.plateau = state["step"], state["finished"], state["plateau"]
         self.holds_ema = False
+        self._truncate_log()
         return True
+
+    def _truncate_log(self) -> None:
+        """Drop log records of steps after the checkpoint (a killed run logged them; the resumed run
+        logs them again), so that the log of a resumed run equals an uninterrupted one's."""
+        path = self.run_dir / LOG
+        if self.rank != 0 or not path.exists():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
+        if len(keep) != len(lines):
+            tmp = path.with_name(f".{LOG}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, path)
 
     def _check_compatible(self, state: dict[str, Any], path: Path) -> None:
         # a field added after the checkpoint was written reads as its default
