@@ -53,7 +53,7 @@ class LoraReport:
 
     def note(self) -> str:
         extra = f", {len(self.diffs)} weight/bias deltas" if self.diffs else ""
-        return f"LoRA {self.path} (strength {self.strength:g}): {len(self.layers)} layers{extra}"
+        return f"LoRA {self.path or '(a state dict)'} (strength {self.strength:g}): {len(self.layers)} layers{extra}"
 
 
 def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
