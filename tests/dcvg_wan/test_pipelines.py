@@ -55,7 +55,10 @@ def test_t2v_on_wan_vae_sizes_and_seeds(text_encoder, wan_vae):
     out = pipe("a red circle moving left", size="24*16", frame_num=6, steps=3, seed=7, log=notes.append)
     assert out.video.shape == (3, 5, 16, 16)  # 6 -> 5 frames (4k+1), 24 -> 16 px (multiple of 16)
     assert out.latent.shape == (1, 4, 2, 2, 2)
+    settings = [n for n in notes if n.startswith("sampling:")]
+    notes = [n for n in notes if n.startswith("note:")]
     assert len(notes) == 2 and "5" in notes[0] and "16*16" in notes[1]
+    assert settings == ["sampling: unipc, 3 steps, shift 5, guidance 5, wan sigma grid"]
     assert out.video.abs().max() <= 1
     again = pipe("a red circle moving left", size="16*16", frame_num=5, steps=3, seed=7)
     torch.testing.assert_close(again.video, out.video, rtol=0, atol=0)

@@ -99,7 +99,8 @@ def _first(candidates: list[Path], what: str, looked: list[str], check=Path.exis
     for c in candidates:
         if check(c):
             return c
-    looked.extend(f"{what}: {c}" for c in candidates)
+    if candidates:
+        looked.append(f"{what}: " + ", ".join(str(c) for c in candidates))
     return None
 
 
@@ -166,7 +167,9 @@ def locate_components(
         where = f"in {root}" if root is not None else "(no --ckpt_dir given)"
         raise CheckpointError(
             f"missing checkpoint files {where}; looked for:\n  " + "\n  ".join(looked)
-            + "\nDownload the Wan2.1 checkpoint folder (official or -Diffusers) and pass it as --ckpt_dir,"
-            " or give the missing component's path explicitly."
+            + ("\nThis is a DC-VideoGen folder: complete it from NVIDIA's release (dc-ai/DC-Gen-Wan2.1-T2V-14B / "
+               "-I2V-14B), or give the missing component's path explicitly." if is_dcvg_folder(root) else
+               "\nDownload the Wan2.1 checkpoint folder (official or -Diffusers) and pass it as --ckpt_dir,"
+               " or give the missing component's path explicitly.")
         )
     return ComponentPaths(**found)
