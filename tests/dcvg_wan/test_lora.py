@@ -195,7 +195,7 @@ def _frames(path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def test_cli_lora_on_the_demo_model(tmp_path, capsys):
+def test_cli_lora_on_the_demo_model(tmp_path, capsys, monkeypatch):
     from dcvg_wan.cli import main
     from dcvg_wan.generate import embedded_default
 
@@ -223,6 +223,16 @@ def test_cli_lora_on_the_demo_model(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main([*run, "--lora", str(tmp_path / "demo.safetensors"), "--lora_strength", "1", "--lora_strength", "2"]) == 3
     assert "--lora_strength" in capsys.readouterr().err
+    # a LoRA for another model is refused before the DiT loads (checked on a meta-device skeleton)
+    save_file(comfy_lora(get_preset("debug-t2v")), str(tmp_path / "other.safetensors"))
+    from dcvg_wan.pipelines import T2VPipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model loaded before the LoRA was checked")
+
+    monkeypatch.setattr(T2VPipeline, "from_pretrained", no_loading)
+    assert main([*run, "--lora", str(tmp_path / "other.safetensors")]) == 4
+    assert "does not fit" in capsys.readouterr().err
 
 
 def test_pipeline_merge_lora_changes_its_dit_as_the_function_does(tmp_path):

@@ -261,6 +261,8 @@ def _run(args: argparse.Namespace, log) -> Path | None:
     if not all(math.isfinite(x) for x in strengths):
         raise InputError(f"--lora_strength must be finite numbers, got {strengths}")
     loras = [(path, read_lora_file(path)) for path in args.lora]  # before the (slow) model loading
+    if loras:
+        _check_loras_fit(loras, args, paths, i2v or flf, ae)
     if args.lora_strength and not args.lora:
         raise InputError("--lora_strength without --lora: name the LoRA file(s) with --lora PATH")
     pipe = pipe_cls.from_pretrained(
@@ -400,6 +402,23 @@ def _init_distributed(args: argparse.Namespace, device: torch.device) -> tuple[i
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _check_loras_fit(loras, args: argparse.Namespace, paths, i2v: bool, ae: str) -> None:
+    """Each LoRA against the DiT's architecture, read from its headers and built on the meta device:
+    a LoRA for another model is refused before a (14B) checkpoint loads."""
+    from dcvg_wan.checkpoint import read_wan_config
+    from dcvg_wan.components import locate_components
+    from dcvg_wan.lora import check_lora
+    from dcvg_wan.model import WanModel
+
+    if paths is None:
+        paths = locate_components(args.ckpt_dir, i2v=i2v, ae=ae, dit=args.dit, dcae=args.dcae_ckpt,
+                                  image_encoder=args.image_encoder if i2v else None)
+    with torch.device("meta"):
+        skeleton = WanModel(read_wan_config(paths.dit))
+    for path, state in loras:
+        check_lora(skeleton, state, path)
 
 
 def default_seed(seed: int | None, ae: str, embedded: bool) -> int:

@@ -171,6 +171,21 @@ def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], strength: float
                path: str = "") -> LoraReport:
     """Merge a LoRA state dict into `model`'s weights (in place; see the module docstring). Every
     layer is checked before any weight changes: a refused LoRA leaves the model as it was."""
+    report, updates = _plan(model, state, strength, path)
+    for param, a, b, factor in updates:
+        delta = a.to(param.device) if b is None else a.to(param.device) @ b.to(param.device)
+        param.copy_((param.float() + factor * delta).to(param.dtype))
+    return report
+
+
+def check_lora(model: nn.Module, state: dict[str, torch.Tensor], path: str = "") -> LoraReport:
+    """Every check of `merge_lora` without changing anything; works on a model built on the meta
+    device, so that a LoRA for another model is refused before a large checkpoint loads."""
+    return _plan(model, state, 1.0, path)[0]
+
+
+def _plan(model: nn.Module, state: dict[str, torch.Tensor], strength: float, path: str):
+    """(report, updates) of a merge: every layer checked, nothing written."""
     if not math.isfinite(strength):
         raise InputError(f"LoRA strength must be a finite number, got {strength}")
     report = LoraReport(path, strength)
@@ -203,7 +218,4 @@ def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], strength: float
                 continue
             updates.append((param, delta, None, strength))
             report.diffs.append(f"{name}.{part}")
-    for param, a, b, factor in updates:
-        delta = a.to(param.device) if b is None else a.to(param.device) @ b.to(param.device)
-        param.copy_((param.float() + factor * delta).to(param.dtype))
-    return report
+    return report, updates
