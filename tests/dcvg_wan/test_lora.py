@@ -121,39 +121,41 @@ def test_every_naming_scheme_merges_to_the_same_weights(tmp_path):
     assert not torch.equal(merged["comfy"]["blocks.0.ffn.0.weight"], make_model("debug-t2v").blocks[0].ffn[0].weight)
 
 
-def test_an_ae_adapt_export_merges_like_peft():
-    """ae-adapt trains LoRA with peft and exports it for ComfyUI: merging the export here equals
-    peft's own merge of the trained adapter."""
-    from ae_adapt.lora_io import add_lora, export_lora
-    from ae_adapt.lora_io import merge_lora as peft_merge
+def _trained_peft_lora(model, alpha: float, targets: list[str], seed: int):
+    """A copy of `model` with peft LoRA layers (rank 4) holding random, non-zero weights."""
+    from ae_adapt.lora_io import add_lora
 
-    model = make_model("debug-t2v")
-    wrapped = add_lora(copy.deepcopy(model), rank=4, alpha=8, target_modules=["self_attn.q", "ffn.2"])
-    gen = torch.Generator().manual_seed(3)
+    wrapped = add_lora(copy.deepcopy(model), rank=4, alpha=alpha, target_modules=targets)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in wrapped.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return wrapped
+
+
+def test_an_ae_adapt_export_merges_like_peft():
+    """ae-adapt trains LoRA with peft and exports it for ComfyUI: merging the export here equals
+    peft's own merge of the trained adapter."""
+    from ae_adapt.lora_io import export_lora
+    from ae_adapt.lora_io import merge_lora as peft_merge
+
+    model = make_model("debug-t2v")
+    wrapped = _trained_peft_lora(model, 8, ["self_attn.q", "ffn.2"], seed=3)
     exported = export_lora(wrapped, "comfy")
-    reference = peft_merge(wrapped)
     merge_lora(model, exported)
-    for key, value in reference.state_dict().items():
+    for key, value in peft_merge(wrapped).state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6)
 
 
 def test_a_peft_adapter_folder_uses_its_configs_alpha(tmp_path):
     """peft keeps lora_alpha in adapter_config.json: reading the folder (as PeftModel would) merges
     what peft's merge gives."""
-    from ae_adapt.lora_io import add_lora, save_lora
     from ae_adapt.lora_io import merge_lora as peft_merge
+    from ae_adapt.lora_io import save_lora
 
     model = make_model("debug-t2v")
-    wrapped = add_lora(copy.deepcopy(model), rank=4, alpha=16, target_modules=["cross_attn.k", "ffn.0"])
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    wrapped = _trained_peft_lora(model, 16, ["cross_attn.k", "ffn.0"], seed=4)
     save_lora(wrapped, tmp_path / "adapter")
     merge_lora(model, read_lora_file(tmp_path / "adapter"))
     for key, value in peft_merge(wrapped).state_dict().items():
