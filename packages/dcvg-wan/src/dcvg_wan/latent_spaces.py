@@ -12,15 +12,15 @@ size rounded to the nearest pixel before flooring to the grid, the image resized
 `Image.resize` (antialiased bicubic to 8-bit pixels) and that resized image also fed to CLIP.
 
 Both give the I2V conditioning `y` = concat(mask 4 channels, conditioning latent). For the Wan VAE
-that is the official one (the image followed by F-1 black frames); for DC-AE-V it is the paper's
+that is the official one (the image followed by F-1 zero frames, mid-gray in [-1, 1]); for DC-AE-V it is the paper's
 image-chunk conditioning (section 3.4): the image replicated 4x to fill the first temporal group,
-then F-4 black frames, so that the first latent frame encodes the image as a whole chunk.
+then F-4 zero frames, so that the first latent frame encodes the image as a whole chunk.
 
 FLF2V (first and last frame) adds the last frame at the end the same way: official Wan2.1
-(`wan/first_last_frame2video.py`) puts it as the last of F frames (F-2 black frames between) and
+(`wan/first_last_frame2video.py`) puts it as the last of F frames (F-2 zero frames between) and
 marks pixel frame F-1 in the mask, which lands on the 4th mask channel of the last latent frame;
 NVIDIA's `pipeline_dc_videogen_wan_i2v.py` (`last_image`) repeats it 4x as the last temporal group
-(F-8 black frames between) and marks the whole last latent frame.
+(F-8 zero frames between) and marks the whole last latent frame.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class LatentSpace:
 
     def image_chunk(self, image: torch.Tensor, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
         """[B, 3, H, W] -> the conditioning video [B, 3, frames, H, W]: the image `chunk_copies`
-        times, black frames, and (FLF2V) `last` `chunk_copies` times at the end."""
+        times, zero frames, and (FLF2V) `last` `chunk_copies` times at the end."""
         return self._black_after(image, self.chunk_copies, frames, last)
 
     def image_condition(self, image: torch.Tensor, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
