@@ -122,7 +122,7 @@ class LatentSpace:
     def image_chunk(self, image: torch.Tensor, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
         """[B, 3, H, W] -> the conditioning video [B, 3, frames, H, W]: the image `chunk_copies`
         times, zero frames, and (FLF2V) `last` `chunk_copies` times at the end."""
-        return self._black_after(image, self.chunk_copies, frames, last)
+        return self._pad_with_zero_frames(image, self.chunk_copies, frames, last)
 
     def image_condition(self, image: torch.Tensor, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
         """y = concat(mask [B, 4, T', h, w] over the conditioned frames, encoded image chunk)."""
@@ -145,13 +145,13 @@ class LatentSpace:
         return pixel
 
     @staticmethod
-    def _black_after(image: torch.Tensor, copies: int, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
+    def _pad_with_zero_frames(image: torch.Tensor, copies: int, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
         first = image.unsqueeze(2).expand(-1, -1, copies, -1, -1)
         end = [] if last is None else [last.to(image.dtype).unsqueeze(2).expand(-1, -1, copies, -1, -1)]
-        black = frames - copies * (1 + len(end))
-        if black < 0:
+        empty = frames - copies * (1 + len(end))
+        if empty < 0:
             raise InputError(f"{frames} frames cannot hold the conditioning images ({copies} frame(s) each)")
-        rest = torch.zeros(*image.shape[:2], black, *image.shape[2:], dtype=image.dtype, device=image.device)
+        rest = torch.zeros(*image.shape[:2], empty, *image.shape[2:], dtype=image.dtype, device=image.device)
         return torch.cat([first, rest, *end], dim=2)
 
 
