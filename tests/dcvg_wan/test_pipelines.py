@@ -129,6 +129,14 @@ def test_i2v_on_dcae_v_runs_with_area_sizing(text_encoder, dcae):
     image = torch.rand(3, 40, 80) * 2 - 1  # aspect h/w = 0.5
     out = pipe("a red circle", image, size="64*32", frame_num=8, steps=2, seed=1)
     assert out.video.shape == (3, 8, 32, 64)  # area 2048 at aspect 0.5 -> 64 x 32
+    notes = []
+    square = pipe("a red circle", torch.rand(3, 40, 40) * 2 - 1, size="64*32", frame_num=8, steps=1, seed=1,
+                  log=notes.append)
+    assert square.video.shape[-2:] == (32, 32)
+    assert any("read as a maximum area (2048 px) at the image's aspect (40x40): generating 32*32" in n for n in notes)
+    notes.clear()
+    pipe("a red circle", image, size="64*32", frame_num=8, steps=1, seed=1, log=notes.append)
+    assert not any("maximum area" in n for n in notes)  # the size asked for is the size made: no note
     with pytest.raises(InputError, match="image"):
         pipe("a red circle", torch.rand(2, 3, 8, 8), size="64*32", frame_num=8, steps=1)
 

@@ -11,6 +11,7 @@ Stages: text (umT5) -> [I2V/FLF2V: CLIP features + conditioning latent] -> sampl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -350,6 +351,16 @@ class T2VPipeline(WanPipeline):
         return self._generate(prompt, rounded, seed, settings, log, progress)
 
 
+def _area_note(rounded: Rounded, width: int, height: int, image: torch.Tensor) -> Rounded:
+    """I2V/FLF2V read --size as an area (official): say so when the result is another size."""
+    if (rounded.width, rounded.height) == (width, height):
+        return rounded
+    h, w = image.shape[-2:]
+    note = (f"size {width}*{height} is read as a maximum area ({width * height} px) at the image's aspect "
+            f"({w}x{h}): generating {rounded.width}*{rounded.height}")
+    return dataclasses.replace(rounded, notes=(*rounded.notes, note))
+
+
 class I2VPipeline(WanPipeline):
     """Image to video; `size` is read as a maximum area, the shape follows the image (official)."""
 
@@ -379,7 +390,8 @@ class I2VPipeline(WanPipeline):
         size = self._size(size)
         settings = self._settings(size, steps, shift, guide_scale, solver, negative_prompt)
         width, height = parse_size(size)
-        rounded = self.space.area_size(frame_num, width * height, image.shape[-2] / image.shape[-1])
+        rounded = _area_note(self.space.area_size(frame_num, width * height, image.shape[-2] / image.shape[-1]),
+                             width, height, image)
 
         def condition():
             resized = self.space.prepare_image(image.to(self.device), rounded.height, rounded.width)
@@ -427,7 +439,8 @@ class FLF2VPipeline(WanPipeline):
         size = self._size(size)
         settings = self._settings(size, steps, shift, guide_scale, solver, negative_prompt)
         width, height = parse_size(size)
-        rounded = self.space.area_size(frame_num, width * height, first.shape[-2] / first.shape[-1])
+        rounded = _area_note(self.space.area_size(frame_num, width * height, first.shape[-2] / first.shape[-1]),
+                             width, height, first)
         if self.space.latent_frames(rounded.frames) < 2:
             need = self.space.temporal + 1 if self.space.name == "wan-vae" else 2 * self.space.temporal
             raise InputError(f"first-last-frame-to-video needs at least {need} frames on {self.space.name} (two latent "
