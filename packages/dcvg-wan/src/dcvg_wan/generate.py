@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace, log) -> Path | None:
     if flf and args.image:
         raise InputError("--image is for i2v-14B; --task flf2v-14B takes --first_frame and --last_frame")
     if i2v and not args.image:
-        raise InputError("an I2V task needs --image PATH (the first frame)" + (
+        raise InputError("an I2V task needs --image PATH (the first frame; input_image_path= in NVIDIA's generate.py words)" + (
             f"; {args.ckpt_dir} holds an image-to-video DiT (transformer/config.json has an image path), so the "
             "task is i2v-14B" if task_from_folder else ""))
     if not i2v and args.image:
