@@ -33,6 +33,7 @@ def test_nvidia_words_give_the_namespace_of_our_flags(parser):
     assert note.startswith("note: read NVIDIA's generate.py arguments as") and "steps=50 -> --sample_steps 50" in note
     assert translate(["use_expander=no"], parser) == ([], "note: read NVIDIA's generate.py arguments as use_expander=no (off, as here)")
     assert parser.parse_args(translate(["task=T2V", "--ckpt_dir", "x"], parser)[0]).task == "t2v-14B"
+    assert "random here" in translate(["seed=-1"], parser)[1]
     i2v, _ = translate(["task=i2v", "input_image_path=cat.jpg", "--ckpt_dir", "x"], parser)
     assert parser.parse_args(i2v).task == "i2v-14B" and parser.parse_args(i2v).image == "cat.jpg"
 

@@ -63,7 +63,9 @@ def translate(tokens: list[str], parser: argparse.ArgumentParser) -> tuple[list[
             continue
         else:
             out += [FLAGS[key], value]
-        read.append(f"{token} -> {' '.join(out[-2:])}")
+        read.append(f"{token} -> {' '.join(out[-2:])}" + (
+            " (random here, as the official flag; NVIDIA's script seeds a generator with -1)"
+            if key == "seed" and value.strip() == "-1" else ""))
     if not read:
         return tokens, None
     given = [t.split("=", 1)[0] for t in out if t.startswith("--")]
