@@ -275,3 +275,76 @@ def test_run_all_refuses_text_dropout_without_a_null_conditioning_before_trainin
     with pytest.raises(PresetError, match="null_cond"):
         run_all(copy.deepcopy(base_dit), pairs[:8], preset, tmp_path, in_channels=8, out_channels=8, patch=(1, 1, 1))
     assert not list(tmp_path.iterdir())
+
+
+def test_dcgen_feeds_every_integer_timestep_exactly():
+    """t / 1000 * 1000 in float32 misses 127, 251, 253, ... by an ulp: the model must still get
+    the integer t that DC-Gen's FlowMatchScheduler feeds its Wan model."""
+    x0 = torch.zeros(4000, 1, 1, 1, 1)
+    model = _Recorder()
+    diffusion_loss(model, x0, torch.Generator().manual_seed(11), timesteps="dcgen", shift=5.0, grid_steps=50)
+    g = torch.Generator().manual_seed(11)
+    torch.randn(x0.shape, generator=g)
+    draws = torch.randint(0, 1000, (4000,), generator=g)
+    misses = (draws.float() / 1000 * 1000 != draws.float()).sum()
+    assert int(misses) > 0  # the draws include timesteps that float32 would round
+    assert model.seen["t"].dtype == torch.float32
+    assert torch.equal(model.seen["t"], draws.float())
+
+
+def test_null_conditioning_of_one_cache_fits_the_text_rows_of_another(tmp_path):
+    """run_all drops the text of every stage to the main cache's null embedding; a resolution
+    stage's cache pads its prompts to its own length. Both are zero-padded to the longer, as the
+    cache pads prompts; anything but the row count must still match."""
+
+    def cache(d, prompts, null_rows):
+        enc = {p: torch.randn(n, 4, generator=torch.Generator().manual_seed(n)) for p, n in prompts.items()}
+        enc["null"] = torch.full((null_rows, 4), 7.0)
+        clips = [{"video": torch.zeros(1), "prompt": p} for p in prompts]
+        build_cache(
+            clips,
+            tmp_path / d,
+            base_encode=lambda v: torch.zeros(2, 1, 2, 2),
+            new_encode=lambda v: torch.zeros(2, 1, 1, 1),
+            text_encode=lambda p: enc[p],
+            base_ae="x",
+            new_ae="y",
+            null_prompt="null",
+        )
+        return LatentCache(tmp_path / d)
+
+    main, res = cache("main", {"a": 2, "b": 3}, 5), cache("res", {"c": 9, "d": 4}, 5)
+    for null, ctx in (
+        (main.null_cond(), torch.stack([res[i]["context"] for i in range(2)]).repeat(50, 1, 1)),
+        (res.null_cond(), torch.stack([main[i]["context"] for i in range(2)]).repeat(50, 1, 1)),
+    ):
+        rows = max(null["context"].shape[0], ctx.shape[1])
+        model = _Recorder()
+        x0 = torch.zeros(100, 2, 1, 1, 1)
+        diffusion_loss(model, x0, torch.Generator().manual_seed(0), cond_dropout=0.5, null_cond=null, context=ctx)
+        seen = model.seen["cond"]["context"]
+        assert seen.shape == (100, rows, 4)
+        padded_null = torch.zeros(rows, 4)
+        padded_null[: null["context"].shape[0]] = null["context"]
+        padded_ctx = torch.zeros(100, rows, 4)
+        padded_ctx[:, : ctx.shape[1]] = ctx
+        dropped = (seen == padded_null).all(dim=(1, 2))
+        kept = (seen == padded_ctx).all(dim=(1, 2))
+        assert bool((dropped ^ kept).all()) and 20 < int(dropped.sum()) < 80
+    with pytest.raises(ValueError, match="pad both"):
+        diffusion_loss(
+            _Recorder(),
+            torch.zeros(2, 2, 1, 1, 1),
+            torch.Generator().manual_seed(0),
+            cond_dropout=0.5,
+            null_cond={"context": torch.zeros(5, 3)},
+            context=torch.zeros(2, 5, 4),
+        )
+
+
+def test_a_bad_noise_level_setting_fails_when_the_preset_is_made():
+    with pytest.raises(PresetError, match="timestep_grid=1"):
+        get_preset("wan-14B", timestep_grid=1)
+    with pytest.raises(PresetError, match="flow_shift"):
+        get_preset("wan-14B", flow_shift=0.0)
+    assert get_preset("debug", timestep_grid=1).timestep_grid == 1  # unused by uniform sampling

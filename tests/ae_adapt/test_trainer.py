@@ -186,3 +186,16 @@ def test_a_resumed_run_logs_each_step_once(base_dit, pairs, tmp_path):
     a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b]
+
+
+def test_resuming_with_fewer_steps_than_done_finishes_the_stage(base_dit, pairs, tmp_path):
+    """`steps` may change on resume; lowered to at most the checkpoint's step, the stage is done
+    (done.json, finished checkpoint) instead of returning unfinished at every launch."""
+    from ae_adapt.stages import is_done
+
+    part = align_head(_model(base_dit), pairs, _cfg(), tmp_path, out_channels=8, patch=(1, 1, 1), stop_at=4)
+    assert part.step == 4 and not is_done(tmp_path)
+    result = align_head(_model(base_dit), pairs, _cfg(steps=3), tmp_path, out_channels=8, patch=(1, 1, 1))
+    assert result.step == 4 and result.losses == []
+    assert is_done(tmp_path)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["finished"]

@@ -100,3 +100,18 @@ def test_run_adapt_on_the_dcgen_grid_with_text_dropout(t2v, tmp_path):
     assert dit.head.head.weight.any()  # trained away from its zero start
     state = torch.load(tmp_path / "out" / "2-align-head" / "checkpoint.pt", weights_only=False)
     assert state["fingerprint"]["timesteps"] == "dcgen" and state["fingerprint"]["cond_dropout"] == 0.5
+
+
+def test_i2v_embedder_bias_bound_counts_only_the_latent_channels(i2v):
+    """DC-Gen's WanI2VPatchEmbedding bounds the bias by 1/sqrt(cfg.in_channels * prod(patch)),
+    cfg.in_channels being the latent's channels, while its conv also takes the 4 mask and the
+    image-latent channels; the weight's Xavier fan still counts every input channel."""
+    model = WanAdaptable(copy.deepcopy(i2v))
+    latent, patch = 8, (1, 2, 2)
+    torch.manual_seed(0)
+    conv = model.replace_patch_embedder(latent + 4 + latent, patch).conv
+    b = conv.bias.detach().abs()
+    assert float(b.max()) <= 1 / math.sqrt(latent * 4)
+    assert float(b.max()) > 1 / math.sqrt((2 * latent + 4) * 4)  # above a bound over all channels
+    w = conv.weight.detach().abs()
+    assert float(w.max()) <= math.sqrt(6 / ((2 * latent + 4) * 4 + i2v.config.dim))

@@ -75,7 +75,9 @@ def drop_conditioning(
     cond: dict[str, Any], null_cond: dict[str, torch.Tensor], p: float, generator: torch.Generator
 ) -> dict[str, Any]:
     """Replace, per sample with probability p, each conditioning entry named in `null_cond` by it
-    (one sample's worth, e.g. context [L, D]); other entries (e.g. Wan I2V's clip_fea) are kept."""
+    (one sample's worth, e.g. context [L, D]); other entries (e.g. Wan I2V's clip_fea) are kept.
+    A null and batch entry that differ only in their row count (text of another cache) are both
+    zero-padded to the longer."""
     if p <= 0:
         return cond
     missing = [k for k in null_cond if k not in cond]
@@ -86,6 +88,13 @@ def drop_conditioning(
     out = dict(cond)
     for key, null in null_cond.items():
         value = cond[key]
+        if tuple(null.shape) != tuple(value.shape[1:]) and _same_but_length(null, value):
+            # text rows: each LatentCache zero-pads its prompts to its own longest, so the null
+            # embedding of one cache (run_all uses it for every stage) and the batch of another
+            # (e.g. a resolution stage's) differ in length: zero-pad the shorter, as the cache does
+            rows = max(null.shape[0], value.shape[1])
+            null = F.pad(null, (0, 0) * (null.ndim - 1) + (0, rows - null.shape[0]))
+            value = F.pad(value, (0, 0) * (null.ndim - 1) + (0, rows - value.shape[1]))
         if tuple(null.shape) != tuple(value.shape[1:]):
             raise ValueError(
                 f"null {key} has shape {tuple(null.shape)}, the batch's rows {tuple(value.shape[1:])}: "
@@ -94,6 +103,11 @@ def drop_conditioning(
         mask = drop.to(value.device).reshape(-1, *([1] * (value.ndim - 1)))
         out[key] = torch.where(mask, null.to(value.device, value.dtype).unsqueeze(0), value)
     return out
+
+
+def _same_but_length(null: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether null [L, ...] and the batch value [B, L', ...] differ at most in L."""
+    return null.ndim >= 2 and value.ndim == null.ndim + 1 and tuple(null.shape[1:]) == tuple(value.shape[2:])
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -134,7 +148,10 @@ def diffusion_loss(
     weight = None
     if timesteps == "dcgen":
         sigma, t_raw, weight = sample_dcgen(x0.shape[0], generator, shift=shift, steps=grid_steps)
-        sigma, t = sigma.to(x0.device), model.flow_timestep(t_raw.to(x0.device) / NUM_TRAIN_TIMESTEPS)
+        # t / 1000 * 1000 in float32 misses some integers (127, 251, ...) by an ulp; in float64 it
+        # is exact, so a Wan-like flow_timestep (1000 sigma) hands the model the integer t itself
+        t = model.flow_timestep(t_raw.double() / NUM_TRAIN_TIMESTEPS).float().to(x0.device)
+        sigma = sigma.to(x0.device)
     else:
         sigma = sample_sigma(x0.shape[0], generator, shift=shift, logit_normal=logit_normal).to(x0.device)
         t = model.flow_timestep(sigma)

@@ -100,6 +100,13 @@ class AdaptPreset:
             object.__setattr__(self, "embedder_align", EmbedderAlign(**self.embedder_align))
         if not 0 <= self.cond_dropout < 1:
             raise PresetError(f"cond_dropout is a probability in [0, 1), got {self.cond_dropout}")
+        # checked here, not at the first step of stage 2 after hours of stage 1
+        if self.flow_shift <= 0:
+            raise PresetError(f"flow_shift must be positive, got {self.flow_shift}")
+        if self.timesteps == "dcgen" and self.timestep_grid < 2:
+            raise PresetError(
+                f"the dcgen timestep grid needs at least 2 points, got timestep_grid={self.timestep_grid}"
+            )
 
     def replace(self, **overrides: Any) -> AdaptPreset:
         return dataclasses.replace(self, **overrides)

@@ -351,6 +351,11 @@ class Trainer:
         self.resume()
         result = TrainResult(step=self.step)
         end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
+        if not self.finished and self.step >= self.cfg.steps:
+            # `steps` lowered on resume to at most the checkpoint's step: the stage is finished (else
+            # it would never write done.json and run_all would train it again at every launch)
+            self.finished = True
+            self.save()
         if self.finished:
             self._mark_done()
             self._apply_ema()

@@ -10,8 +10,9 @@ adapted model saves as a `dcvg-*` preset and loads with `WanModel.from_pretraine
 Initialisation as in NVIDIA's DC-Gen code (dc_ai/dc_adapt/models/wan_video.py,
 dc_ai/videogencore/models/wan_t2v.py `initialize_weights`, applications/dc_videogen/
 wan_t2v_assemble.py): the new embedder's weight is Xavier-uniform over [dim, in * prod(patch)],
-its bias U(+-1/sqrt(in * prod(patch))); the new head's projection starts at zero (weight and
-bias) with the base model's modulation.
+its bias U(+-1/sqrt(c * prod(patch))) with c the latent's channels (for I2V, as in DC-Gen's
+code, not counting the mask and image-latent channels); the new head's projection starts at
+zero (weight and bias) with the base model's modulation.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ LORA_TARGETS_ALL_LINEAR = LORA_TARGETS + (
 )
 LORA_SCOPES = ("blocks", "all-linear")
 NUM_TRAIN_TIMESTEPS = 1000
+I2V_MASK_CHANNELS = 4  # Wan I2V's y: 4 first-frame mask channels + the image latent
 
 
 class WanPatchEmbedder(nn.Module):
@@ -116,7 +118,7 @@ class WanAdaptable(nn.Module):
         conv = nn.Conv3d(in_channels, cfg.dim, kernel_size=patch, stride=patch)
         with torch.no_grad():  # DC-Gen: Xavier over the flattened kernel, bias U(+-1/sqrt(fan_in))
             nn.init.xavier_uniform_(conv.weight.view(cfg.dim, -1))
-            bound = 1 / math.sqrt(in_channels * math.prod(patch))
+            bound = 1 / math.sqrt(_latent_channels(in_channels, i2v=cfg.image_dim is not None) * math.prod(patch))
             nn.init.uniform_(conv.bias, -bound, bound)
         self.dit.patch_embedding = conv.to(old.weight.device, old.weight.dtype)
         # until the head is replaced too, the model is only good for patch_embed (stage 1)
@@ -177,6 +179,15 @@ def _checkpointed(forward, *args):
     return forward(*args)
 
 
+def _latent_channels(in_channels: int, *, i2v: bool) -> int:
+    """The fan-in channels of DC-Gen's embedder bias bound: `cfg.in_channels`, the latent's
+    channels only, also for I2V, whose conv takes latent + 4 mask + image latent channels
+    (dc_adapt/models/wan_video.py `WanI2VPatchEmbedding`, videogencore `WanI2V`)."""
+    if i2v and in_channels > I2V_MASK_CHANNELS and (in_channels - I2V_MASK_CHANNELS) % 2 == 0:
+        return (in_channels - I2V_MASK_CHANNELS) // 2
+    return in_channels
+
+
 def _patch(patch: Sequence[int]) -> tuple[int, int, int]:
     patch = tuple(int(p) for p in patch)
     if len(patch) != 3 or min(patch) < 1:
@@ -211,7 +222,7 @@ def run_adapt(
     dit = WanModel.from_pretrained(model) if isinstance(model, (str, os.PathLike)) else model
     wrapped = check_adaptable(WanAdaptable(dit, lora_scope=lora_scope))
     cond_channels = dit.config.in_dim - dit.config.out_dim
-    in_channels = new_channels + (cond_channels and 4 + new_channels)
+    in_channels = new_channels + (cond_channels and I2V_MASK_CHANNELS + new_channels)
     cache = LatentCache(cache_dir, base_ae=base_ae, new_ae=new_ae, new_patch=patch)
     res = [LatentCache(d, base_ae=base_ae, new_ae=new_ae, new_patch=patch) for d in resolution_caches]
     cfg = get_preset(preset, **(overrides or {}))
