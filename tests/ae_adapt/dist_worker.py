@@ -32,7 +32,8 @@ def main(out: str, run_dir: str, interrupt: bool = False) -> None:
     cfg = TrainConfig(lr=3e-3, steps=3, batch_size=8, grad_accum=2 // size, progress=False)
     data = world.samples(16)
     model = _fresh()
-    head_cfg = cfg.replace(ema_decay=0.9)  # the EMA is sharded like the weights, gathered into the checkpoint
+    # the EMA is sharded like the weights and gathered into the checkpoint (short warm-up: it differs)
+    head_cfg = cfg.replace(ema_decay=0.9, ema_warmup_steps=2)
     result = align_head(
         model, data, head_cfg, f"{run_dir}/head", out_channels=8, patch=(1, 1, 1), stop_at=2 if interrupt else None
     )

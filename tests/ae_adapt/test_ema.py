@@ -43,23 +43,49 @@ def _data(n=8):
     return [{"x": torch.randn(3, generator=g), "y": torch.randn(2, generator=g)} for _ in range(n)]
 
 
-def _fit_recording(tmp_path, ema_decay=DECAY):
+def _fit_recording(tmp_path, ema_decay=DECAY, schedule="diffusers", warmup=2000):
     task = _RecordingTask()
     frozen = copy.deepcopy(task.frozen.state_dict())
-    cfg = TrainConfig(lr=LR, steps=STEPS, batch_size=2, ema_decay=ema_decay, progress=False)
+    cfg = TrainConfig(lr=LR, steps=STEPS, batch_size=2, ema_decay=ema_decay, progress=False, ema_schedule=schedule,
+                      ema_warmup_steps=warmup)
     Trainer(task, _data(), cfg, tmp_path, stage="t").fit()
     state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
     raw = {n.removeprefix("lin."): v for n, v in state["weights"].items()}
     return task, frozen, state, task.trajectory + [raw]  # p_0 .. p_STEPS
 
 
-def test_decay_schedule_is_diffusers_warmup_capped_at_ema_decay():
+def test_decay_schedule_diffusers_is_emamodels_warmup_capped_at_ema_decay():
     from diffusers.training_utils import EMAModel
 
     ref = EMAModel([nn.Parameter(torch.zeros(1))], decay=DECAY)
     # diffusers' optimization_step counts updates from 1; ours counts optimizer steps from 0
-    assert [ema_decay_at(DECAY, k) for k in range(STEPS)] == [ref.get_decay(k + 1) for k in range(STEPS)]
-    assert ema_decay_at(DECAY, 0) == 0.0 and ema_decay_at(DECAY, 1) == 2 / 11 and ema_decay_at(DECAY, 3) == DECAY
+    ours = [ema_decay_at(DECAY, k, "diffusers") for k in range(STEPS)]
+    assert ours == [ref.get_decay(k + 1) for k in range(STEPS)]
+    assert ours[0] == 0.0 and ours[1] == 2 / 11 and ours[3] == DECAY
+
+
+def test_decay_schedule_dcgen_is_nvidias_exponential_warmup():
+    """NVIDIA's EMA.step(model, global_step): decay * (1 - exp(-global_step / warmup_steps)), the
+    global step counted from 1 after the first optimizer step; warm-up 0 is the constant decay."""
+    import math
+
+    for k in (0, 1, 5, 1999, 10_000):
+        assert ema_decay_at(0.9999, k) == 0.9999 * (1 - math.exp(-(k + 1) / 2000))
+    assert ema_decay_at(0.99, 7, warmup_steps=0) == 0.99
+    default = TrainConfig(lr=1e-3, steps=1, batch_size=1)
+    assert default.ema_schedule == "dcgen" and default.ema_warmup_steps == 2000
+
+
+def test_dcgen_schedule_ema_equals_a_naive_loop(tmp_path):
+    import math
+
+    _task, _frozen, state, traj = _fit_recording(tmp_path, schedule="dcgen", warmup=3)
+    naive = dict(traj[0])
+    for k in range(STEPS):
+        d = DECAY * (1 - math.exp(-(k + 1) / 3))
+        naive = {n: d * naive[n] + (1 - d) * traj[k + 1][n] for n in naive}
+    for n in naive:
+        torch.testing.assert_close(state["ema"][f"lin.{n}"], naive[n], rtol=0, atol=1e-6)
 
 
 def test_ema_equals_a_naive_loop_and_diffusers_emamodel_over_the_same_trajectory(tmp_path):

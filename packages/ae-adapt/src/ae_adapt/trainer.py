@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from ae_adapt.errors import AdaptError, ProtocolError, ResumeError
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+EMA_SCHEDULES = ("dcgen", "diffusers")
 DONE = "done.json"  # written when a stage has finished (its outputs can be restored without training)
 # Fields that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = ("steps", "ckpt_every", "log_every", "progress")
@@ -68,10 +70,14 @@ class TrainConfig:
     plateau_patience: int | None = None
     plateau_min_delta: float = 0.0
     plateau_ema: float = 0.9
-    # EMA of the trainable weights (0: off). Decay of the k-th optimizer step (0-based): 0 at k = 0,
-    # then min(ema_decay, (1 + k) / (10 + k)), as diffusers' EMAModel (update_after_step 0, no
-    # use_ema_warmup). NVIDIA's DC-Gen uses an EMA but publishes no decay; 0.9999 is diffusers' usual.
+    # EMA of the trainable weights (0: off). Decay after optimizer step k (0-based), `ema_schedule`:
+    # "dcgen" (NVIDIA's DC-Gen EMA.step, dc_ai/apps/utils/ema.py): ema_decay * (1 - exp(-(k + 1) /
+    # ema_warmup_steps)), warm-up 2000 (0: the constant decay); "diffusers" (EMAModel,
+    # update_after_step 0): 0 at k = 0, then min(ema_decay, (1 + k) / (10 + k)). NVIDIA publishes
+    # no decay value; 0.9999 is diffusers' usual.
     ema_decay: float = 0.0
+    ema_schedule: str = "dcgen"
+    ema_warmup_steps: int = 2000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -88,6 +94,10 @@ class TrainConfig:
             raise ValueError(f"plateau_patience must be positive or None, got {self.plateau_patience}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if self.ema_schedule not in EMA_SCHEDULES:
+            raise ValueError(f"ema_schedule must be one of {EMA_SCHEDULES}, got {self.ema_schedule!r}")
+        if self.ema_warmup_steps < 0:
+            raise ValueError(f"ema_warmup_steps must be >= 0, got {self.ema_warmup_steps}")
 
     def replace(self, **overrides: Any) -> TrainConfig:
         return dataclasses.replace(self, **overrides)
@@ -132,9 +142,11 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr
 
 
-def ema_decay_at(decay: float, step: int) -> float:
+def ema_decay_at(decay: float, step: int, schedule: str = "dcgen", warmup_steps: int = 2000) -> float:
     """The EMA decay applied after optimizer step `step` (0-based): see `TrainConfig.ema_decay`."""
-    return 0.0 if step <= 0 else min(decay, (1 + step) / (10 + step))
+    if schedule == "diffusers":
+        return 0.0 if step <= 0 else min(decay, (1 + step) / (10 + step))
+    return decay if warmup_steps == 0 else decay * (1 - math.exp(-(step + 1) / warmup_steps))
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -402,7 +414,7 @@ class Trainer:
         """EMA step after the optimizer step `self.step` (0-based): ema = d ema + (1 - d) param."""
         if self.ema is None:
             return
-        d = ema_decay_at(self.cfg.ema_decay, self.step)
+        d = ema_decay_at(self.cfg.ema_decay, self.step, self.cfg.ema_schedule, self.cfg.ema_warmup_steps)
         params = dict(self.task.named_parameters())  # looked up anew: FSDP2 re-registers parameters
         for n, e in self.ema.items():
             e.mul_(d).add_(params[n].detach().float(), alpha=1 - d)
