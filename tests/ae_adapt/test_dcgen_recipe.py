@@ -249,12 +249,12 @@ def test_wan_presets_follow_the_dcgen_wan_trainer():
     assert get_preset("wan-14B", embedder_align={"loss": "upsample"}).embedder_align.loss == "upsample"
 
 
-def test_cache_stores_the_null_prompt_padded_like_the_prompts(tmp_path):
-    enc = {"a": torch.randn(2, 4), "b": torch.randn(3, 4), "null": torch.randn(5, 4)}
-    clips = [{"video": torch.zeros(1), "prompt": p} for p in ("a", "b")]
+def _text_cache(directory, prompts, enc) -> LatentCache:
+    """A latent cache of empty clips whose prompts (and null prompt "null") embed as `enc` says."""
+    clips = [{"video": torch.zeros(1), "prompt": p} for p in prompts]
     build_cache(
         clips,
-        tmp_path,
+        directory,
         base_encode=lambda v: torch.zeros(2, 1, 2, 2),
         new_encode=lambda v: torch.zeros(2, 1, 1, 1),
         text_encode=lambda p: enc[p],
@@ -262,7 +262,12 @@ def test_cache_stores_the_null_prompt_padded_like_the_prompts(tmp_path):
         new_ae="y",
         null_prompt="null",
     )
-    cache = LatentCache(tmp_path)
+    return LatentCache(directory)
+
+
+def test_cache_stores_the_null_prompt_padded_like_the_prompts(tmp_path):
+    enc = {"a": torch.randn(2, 4), "b": torch.randn(3, 4), "null": torch.randn(5, 4)}
+    cache = _text_cache(tmp_path, ("a", "b"), enc)
     null = cache.null_cond()["context"]
     assert null.shape == cache[0]["context"].shape == (5, 4)
     torch.testing.assert_close(null, enc["null"])
@@ -300,18 +305,7 @@ def test_null_conditioning_of_one_cache_fits_the_text_rows_of_another(tmp_path):
     def cache(d, prompts, null_rows):
         enc = {p: torch.randn(n, 4, generator=torch.Generator().manual_seed(n)) for p, n in prompts.items()}
         enc["null"] = torch.full((null_rows, 4), 7.0)
-        clips = [{"video": torch.zeros(1), "prompt": p} for p in prompts]
-        build_cache(
-            clips,
-            tmp_path / d,
-            base_encode=lambda v: torch.zeros(2, 1, 2, 2),
-            new_encode=lambda v: torch.zeros(2, 1, 1, 1),
-            text_encode=lambda p: enc[p],
-            base_ae="x",
-            new_ae="y",
-            null_prompt="null",
-        )
-        return LatentCache(tmp_path / d)
+        return _text_cache(tmp_path / d, prompts, enc)
 
     main, res = cache("main", {"a": 2, "b": 3}, 5), cache("res", {"c": 9, "d": 4}, 5)
     for null, ctx in (
