@@ -342,3 +342,23 @@ def test_a_bad_noise_level_setting_fails_when_the_preset_is_made():
     with pytest.raises(PresetError, match="flow_shift"):
         get_preset("wan-14B", flow_shift=0.0)
     assert get_preset("debug", timestep_grid=1).timestep_grid == 1  # unused by uniform sampling
+
+
+def test_a_run_with_text_dropout_does_not_resume_with_another_null_conditioning(base_dit, pairs, tmp_path):
+    """A cache rebuilt with another negative prompt changes what dropped samples see: refused on resume."""
+    from ae_adapt import ResumeError, TrainConfig, align_head
+
+    cfg = TrainConfig(lr=1e-3, steps=4, batch_size=4, ckpt_every=2, progress=False)
+    rows = pairs[0]["context"].shape
+    null_a, null_b = {"context": torch.zeros(rows)}, {"context": torch.ones(rows)}
+
+    def run(null, **kw):
+        model = copy.deepcopy(base_dit)
+        model.replace_patch_embedder(8, (1, 1, 1))  # stage 1's new embedder (untrained here)
+        return align_head(model, pairs[:8], cfg, tmp_path, out_channels=8, patch=(1, 1, 1), cond_dropout=0.5,
+                          null_cond=null, **kw)
+
+    run(null_a, stop_at=2)
+    with pytest.raises(ResumeError, match="null_cond"):
+        run(null_b)
+    assert run(null_a).step == 4  # the same one resumes

@@ -329,14 +329,23 @@ class DiffusionTask(nn.Module):
         )
 
 
-def _diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout) -> dict[str, Any]:
+def _diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout, null_cond=None) -> dict[str, Any]:
     """What of the diffusion loss a checkpoint depends on (the pre-DC-Gen keys only when they are
-    not the defaults, so that checkpoints of earlier versions still resume)."""
+    not the defaults, so that checkpoints of earlier versions still resume). With text dropout, a
+    digest of the null conditioning: a cache rebuilt with another negative prompt must not resume."""
     fp: dict[str, Any] = {"shift": shift}
     if timesteps != "uniform":
         fp |= {"timesteps": timesteps, "grid_steps": grid_steps}
     if cond_dropout:
         fp["cond_dropout"] = cond_dropout
+        if null_cond:
+            import hashlib
+
+            digest = hashlib.sha256()
+            for key in sorted(null_cond):
+                digest.update(key.encode())
+                digest.update(null_cond[key].detach().float().contiguous().cpu().numpy().tobytes())
+            fp["null_cond"] = digest.hexdigest()[:16]
     return fp
 
 
@@ -418,7 +427,7 @@ def align_head(
     fp = {
         "out_channels": out_channels,
         "patch": list(patch),
-        **_diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout),
+        **_diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout, null_cond),
         **(fingerprint or {}),
     }
     task = DiffusionTask(
@@ -468,7 +477,7 @@ def lora_finetune(
         "rank": rank,
         "alpha": alpha,
         "targets": list(targets),
-        **_diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout),
+        **_diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout, null_cond),
         "embedder_and_head": train_embedder_and_head,
         **(fingerprint or {}),
     }
