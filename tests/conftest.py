@@ -18,3 +18,21 @@ import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+import io
+import sys
+
+import pytest
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, s):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.fixture
+def close_stdout(monkeypatch):
+    """Call it in the test body (capture resets sys.stdout between setup and call): stdout becomes a
+    pipe whose reader has gone (`cli ... | head`), every write raising BrokenPipeError."""
+    return lambda: monkeypatch.setattr(sys, "stdout", _ClosedPipe())

@@ -149,16 +149,9 @@ def test_unknown_preset_is_a_typed_value_error():
     assert isinstance(e.value, AdaptError) and isinstance(e.value, ValueError)
 
 
-def test_closed_stdout_pipe_exits_quietly(capsys, monkeypatch):
+def test_closed_stdout_pipe_exits_quietly(capsys, close_stdout):
     """`ae-adapt presets | head`: the reader left; exit 141 (as a shell reports SIGPIPE), no traceback."""
-    import io
-    import sys
-
-    class ClosedPipe(io.StringIO):
-        def write(self, s):
-            raise BrokenPipeError(32, "Broken pipe")
-
-    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    close_stdout()
     assert main(["presets"]) == 141
     assert "Traceback" not in capsys.readouterr().err
 

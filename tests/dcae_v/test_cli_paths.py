@@ -4,7 +4,6 @@ checkpoint that differs from the encoder, and small message fixes (preset names,
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -195,12 +194,8 @@ def test_eval_help_documents_its_options(capsys):
     assert "(default: 80" in out and "(default: 256)" in out and "(default: all)" in out
 
 
-def test_closed_stdout_pipe_exits_quietly(capsys, monkeypatch):
-    class ClosedPipe(io.StringIO):
-        def write(self, s):
-            raise BrokenPipeError(32, "Broken pipe")
-
-    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+def test_closed_stdout_pipe_exits_quietly(capsys, close_stdout):
+    close_stdout()
     assert main(["info"]) == 141
     assert "Traceback" not in capsys.readouterr().err
 

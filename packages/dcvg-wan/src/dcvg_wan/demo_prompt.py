@@ -105,16 +105,15 @@ def _direction(words: list[str], typed: list[str]) -> tuple[int, str, list[int],
         j = _skip_the(words, i + 2, 1) if words[i + 1 : i + 2] == ["to"] else -1
         if 0 <= j < len(words) and words[j] in DIRECTIONS:
             return j, words[j], [i, j], f"read '{typed[i]} to {typed[j]}' as moving {words[j]}"
+    before = {i: words[k] if (k := _skip_the(words, i - 1, -1)) >= 0 else None for i in idx}  # skipping "the"
     for i in idx:
-        if _skip_the(words, i - 1, -1) >= 0 and words[_skip_the(words, i - 1, -1)] == "moving":
+        if before[i] == "moving":
             return i, words[i], [i], None
     for i in idx:
-        k = _skip_the(words, i - 1, -1)
-        if k >= 0 and words[k] == "from":
+        if before[i] == "from":
             return i, _ORIGINS[words[i]], [i], f"read 'from the {typed[i]}' (where it starts) as moving {_ORIGINS[words[i]]}"
     for i in idx:
-        k = _skip_the(words, i - 1, -1)
-        if k >= 0 and words[k] in ("to", "toward", "towards"):
+        if before[i] in ("to", "toward", "towards"):
             return i, words[i], [i], None
     return idx[0], words[idx[0]], [idx[0]], None
 
