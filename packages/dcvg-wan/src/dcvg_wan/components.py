@@ -75,14 +75,11 @@ def default_autoencoder(ckpt_dir: str | os.PathLike | None) -> str:
 def folder_is_i2v(ckpt_dir: str | os.PathLike | None) -> bool:
     """Whether a DC-VideoGen folder holds only an I2V DiT (NVIDIA's `DC-Gen-Wan2.1-I2V-14B`:
     `transformer/config.json` with an image path), so that `generate` can pick the I2V task."""
-    if not is_dcvg_folder(ckpt_dir):
-        return False
-    root = Path(ckpt_dir)
-    if (root / "transformer_t2v").is_dir() or not (root / "transformer" / "config.json").is_file():
-        return (root / "transformer_i2v").is_dir() and not (root / "transformer_t2v").is_dir()
-    from dcvg_wan.config_json import read_config
-
-    return read_config(root / "transformer" / "config.json").get("image_dim") is not None
+    dit_i2v = folder_dit_is_i2v(ckpt_dir)
+    if dit_i2v is not None:
+        return dit_i2v
+    root = Path(ckpt_dir) if ckpt_dir is not None else None  # the earlier layout: an I2V DiT only
+    return is_dcvg_folder(root) and (root / "transformer_i2v").is_dir() and not (root / "transformer_t2v").is_dir()
 
 
 def folder_dit_is_i2v(ckpt_dir: str | os.PathLike | None) -> bool | None:
