@@ -187,7 +187,7 @@ def _fast_fail_cases(tmp):
         (["--task", "flf2v-14B"], "--task flf2v-14B needs --ckpt_dir"),
         (["--first_frame", "a.png", "--last_frame", "b.png"], "--first_frame/--last_frame are for --task flf2v-14B"),
         (["--src_video", "v.mp4"], "VACE"),
-        (["--fp8"], "fp8 weights are not supported"),
+        (["--fp8"], "fp8 compute is not supported"),
         (["--ring_size", "0"], "--ring_size must be 1"),
     ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "torch sees no CUDA device")])
 

@@ -39,6 +39,7 @@ from dcvg_wan.config_json import (
 from dcvg_wan.errors import CheckpointError, InputError
 from dcvg_wan.layouts import detect_layout, from_official, to_official
 from dcvg_wan.model import WanModel, keeps_fp32
+from dcvg_wan.quantized import dequantize
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -64,7 +65,7 @@ def load_wan(
     layout = detect_layout(_keys(files))
     sd = {}
     for file in files:  # one shard at a time: renamed and cast before the next is read
-        sd.update(_cast(to_official(read_weight_file(file), layout), dtype))
+        sd.update(_cast(to_official(read_weight_file(file, dtype), layout), dtype))
     config = get_preset(preset) if preset is not None else resolve_config(sd, config_fields, path)
     with torch.device("meta"):
         model = WanModel(config)
@@ -163,10 +164,15 @@ def _keys(files: list[Path]) -> list[str]:
     return keys
 
 
-def read_weight_file(file: Path) -> dict[str, torch.Tensor]:
+def read_weight_file(file: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one file; fp8 weights (ComfyUI's plain, scaled and comfy_quant files) come
+    back dequantized to `dtype` (default bf16), other tensors as stored."""
     if file.suffix == ".safetensors":
         with _safetensors_errors(file):
-            return load_file(str(file))
+            sd = load_file(str(file))
+            with safe_open(str(file), framework="pt") as handle:
+                metadata = handle.metadata()
+        return dequantize(sd, metadata, dtype=dtype, source=file)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 -- torch raises many types for corrupt or foreign pickles
@@ -174,7 +180,7 @@ def read_weight_file(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {file} with torch.load(weights_only=True): {first_line}") from None
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{file}: expected a flat name -> tensor dict, got {type(obj).__name__}")
-    return dict(obj)
+    return dequantize(obj, dtype=dtype, source=file)
 
 
 @contextlib.contextmanager

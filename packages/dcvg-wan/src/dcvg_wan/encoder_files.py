@@ -41,7 +41,7 @@ def read_weights(files: Iterable[Path], dtype: torch.dtype | None = None) -> dic
     """All tensors of `files`, floating ones cast to `dtype` file by file (peak memory: one shard)."""
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        sd.update(cast(read_weight_file(Path(f)), dtype))
+        sd.update(cast(read_weight_file(Path(f), dtype), dtype))
     return sd
 
 

@@ -127,7 +127,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # official flags recognised but refused, with the reason
 REFUSED_FLAGS = {
     "src_video": _VACE, "src_mask": _VACE, "src_ref_images": _VACE,
-    "fp8": "fp8 weights are not supported here; the DiT runs in --dtype bf16 (the default on CUDA), fp16 or fp32",
+    "fp8": "fp8 compute is not supported here; the DiT runs in --dtype bf16 (the default on CUDA), fp16 or fp32. "
+           "fp8 checkpoint files (ComfyUI's *_fp8_e4m3fn / *_fp8_scaled) load without this flag: pass one "
+           "with --dit and it is dequantized to --dtype",
 }
 
 

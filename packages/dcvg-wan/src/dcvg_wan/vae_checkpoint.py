@@ -63,7 +63,7 @@ def load_wan_vae(
     """
     path = Path(path)
     file, json_config = _locate(path)
-    raw = read_weight_file(file)
+    raw = read_weight_file(file, dtype)
     layout = detect_vae_layout(raw)
     sd = to_official(raw, layout)
     if dtype is not None:
