@@ -3,6 +3,7 @@
 argument, interrupted and resumed); rank 0 saves the trained weights, the losses and the stage-2
 checkpoint's raw and EMA weights to argv[1]."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -58,3 +59,9 @@ def main(out: str, run_dir: str, interrupt: bool = False) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], interrupt=len(sys.argv) > 3)
+    # Results are on disk and the group is destroyed: skip the interpreter's teardown, where gloo's
+    # threads were seen (rarely, under load) to abort a finished worker with "terminate called
+    # without an active exception" (exit -6).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
