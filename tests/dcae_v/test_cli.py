@@ -122,6 +122,21 @@ def test_no_command_is_a_usage_error(capsys):
     assert "COMMAND" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "usage", "hint"), [
+    (["reconstruct", "-o", "x.mp4", "--frames-per-tiles", "8"], "usage: dcae-v reconstruct",
+     "did you mean --frames-per-tile?"),
+    (["--verbose", "info"], "usage: dcae-v info", ""),
+    (["encode", "in.mp4", "-o", "z.safetensors", "--zzz"], "usage: dcae-v encode", "--zzz"),
+])
+def test_unknown_option_is_reported_by_its_subcommand(capsys, argv, usage, hint):
+    """The subcommand's usage line (not the top-level one) and the closest option it has."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith(usage) and "unrecognized arguments" in err and hint in err
+
+
 # ---- reconstruct ---------------------------------------------------------------------------
 def test_reconstruct_writes_a_video_like_the_source(files, capsys, tmp_path):
     out = tmp_path / "rec.mp4"

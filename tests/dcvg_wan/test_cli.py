@@ -161,6 +161,17 @@ def test_official_flags_we_cannot_honour_here_explain_themselves(capsys, argv, m
     assert code == 3 and match in err
 
 
+@pytest.mark.parametrize(("argv", "usage", "hint"), [
+    (["generate", "--steps", "3"], "usage: dcvg-wan generate", "did you mean --sample_steps?"),
+    (["convert", "a", "b", "--layout", "comfy", "--d_type=bf16"], "usage: dcvg-wan convert", "did you mean --dtype?"),
+])
+def test_unknown_flag_is_reported_by_its_subcommand(capsys, argv, usage, hint):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(usage) and hint in err
+
+
 def test_generate_ulysses_size_must_match_processes(capsys):
     code, _, err = _run(capsys, "generate", "--ulysses_size", "2")
     assert code == 3 and "torchrun --nproc_per_node 2" in err

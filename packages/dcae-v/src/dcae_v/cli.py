@@ -9,6 +9,7 @@ Output paths are checked before a model is loaded, so a typo never costs the com
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -272,8 +273,21 @@ COMMANDS = {"reconstruct": cmd_reconstruct, "encode": cmd_encode, "decode": cmd_
             "train": cmd_train, "info": cmd_info}
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, except that an unknown option is reported by the subcommand that
+    got it (its usage line, not the top-level one) with the closest option it has."""
+    args, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return args
+    commands = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    target = commands.get(getattr(args, "command", None), parser)
+    options = [o for action in target._actions for o in action.option_strings]
+    close = difflib.get_close_matches(unknown[0].split("=", 1)[0], options, n=1)
+    target.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     for name in ("frames_per_tile", "tile_size", "max_frames", "max_clips", "frames", "size"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+from dcae_v.cli import parse_command_line
 from dcae_v.errors import CheckpointError as AutoencoderCheckpointError
 from dcae_v.errors import InputError as AutoencoderInputError
 from dcvg_wan.__about__ import __version__
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["generate", *rest]
         if note:
             print(note, flush=True)
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     try:
         return args.func(args)
     except (InputError, AutoencoderInputError) as e:  # dcae-v raises its own (video files, tiling)
