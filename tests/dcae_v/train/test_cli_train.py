@@ -78,7 +78,7 @@ def test_print_config_works_with_the_defaults_and_round_trips(tmp_path, capsys):
     assert main(["train", "--config", str(saved), "--print-config"]) == 0
     assert capsys.readouterr().out == text
     assert main(["train", "--config", str(saved)]) == 3  # a run still validates
-    assert "data.frames=16 is not a multiple of the chunk size 40" in capsys.readouterr().err
+    assert "data.source is empty" in capsys.readouterr().err
 
 
 def test_print_config_still_rejects_unknown_fields(capsys):
@@ -141,3 +141,63 @@ def test_resume_names_the_changed_config_fields(tmp_path, media_dir, capsys, cap
     with caplog.at_level(logging.WARNING, logger="dcae_v.train"):  # same config: nothing to say
         assert main(["train", "--config", cfg, "--resume", "optim.max_steps=2", "optim.lr=5e-4"]) == 0
     assert not [r for r in caplog.records if "config differs" in r.getMessage()]
+
+
+# ---- input errors and defaults (audit 6) ---------------------------------------------------------
+def test_bad_device_and_run_values_exit_3(tmp_path, media_dir, capsys):
+    cfg = _cfg_file(tmp_path, media_dir)
+    for override, message in (("run.device=gpu", "unknown run.device 'gpu'"), ("run.max_minutes=0", "run.max_minutes must be > 0"),
+                              ("run.out_dir=", "run.out_dir is empty")):
+        assert main(["train", "--config", cfg, override]) == 3, override
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_video_file_as_the_source(tmp_path, media_dir, capsys):
+    """`data.source=clip.mkv` trains on that one clip (batch 2 of 1 file: two windows of it)."""
+    cfg = _cfg_file(tmp_path, media_dir)
+    assert main(["train", "--config", cfg, f"data.source={media_dir / 'clip0.mkv'}", "optim.max_steps=1"]) == 0
+    assert "trained to step 1" in capsys.readouterr().out
+
+
+def test_the_defaults_run_with_only_a_source(tmp_path, monkeypatch, capsys):
+    """`dcae-v train data.source=DIR` alone (here with fewer steps, in a temp folder) runs: the
+    default data.frames is one chunk of the default preset, and the printed config says so."""
+    from .conftest import moving_clip, write_media
+
+    for i in range(4):
+        write_media(tmp_path / f"c{i}.mkv", moving_clip(40, 32, 32, seed=i))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", f"data.source={tmp_path}", "optim.max_steps=1", "run.progress=false",
+                 "checkpoint.export=false", "run.tensorboard=false"]) == 0
+    out = capsys.readouterr()
+    assert "trained to step 1" in out.out and "  frames: 40" in out.err
+    assert "(data.frames not set: one chunk of the model, 40 frames)" in out.err
+    assert (tmp_path / "runs" / "dcae_v_train" / "checkpoints" / "step_00000001.pt").is_file()
+
+
+def test_sigterm_saves_and_exits_143(tmp_path, media_dir, capsys, monkeypatch):
+    import signal
+
+    from dcae_v.train import trainer
+
+    real = trainer.lr_factor
+
+    def lr_factor(step, cfg):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return real(step, cfg)
+
+    def not_handled(signum, frame):
+        raise AssertionError("SIGTERM reached the previous handler: training did not catch it")
+
+    monkeypatch.setattr(trainer, "lr_factor", lr_factor)
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        assert main(["train", "--config", _cfg_file(tmp_path, media_dir), "optim.max_steps=5"]) == 143
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # restored after training
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "stopped by SIGTERM at step 2 of 5" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002.pt").is_file()

@@ -65,6 +65,12 @@ def test_frozen_and_round_trip(media_dir):
         (["ema.decay=1.5"], r"ema.decay must be in \[0, 1\)"),
         (["data.source="], r"data.source is empty"),
         (["run.parallel=fsdp", "gan.weight=0.1"], r"adaptive needs .* run.parallel=fsdp use gan.weight_mode=scheduled"),
+        (["run.device=gpu"], r"unknown run.device 'gpu'; use auto, cpu, cuda or cuda:N"),
+        (["run.max_minutes=0"], r"run.max_minutes must be > 0 \(or none for no time limit\), got 0"),
+        (["run.max_minutes=-1"], r"run.max_minutes must be > 0"),
+        (["run.out_dir="], r"run.out_dir is empty"),
+        (["run.out_dir= "], r"run.out_dir is empty"),
+        (["run.threads=0"], r"run.threads must be >= 1"),
     ],
 )
 def test_bad_values_fail_before_compute(media_dir, overrides, match):
@@ -88,3 +94,23 @@ def test_bad_files(tmp_path):
         load_config(_file(tmp_path, "{oops", "bad.json"))
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(_file(tmp_path, [1, 2]))
+
+
+def test_default_frames_are_one_chunk_of_the_model(media_dir):
+    """The defaults run as they are: data.frames unset means one chunk (the debug preset's 40
+    frames, or model.chunk_size); an explicit value is kept and still checked."""
+    assert TrainConfig().data.frames is None
+    assert load_config(None, [f"data.source={media_dir}"]).data.frames == 40
+    assert load_config(None, [f"data.source={media_dir}", "model.chunk_size=8"]).data.frames == 8
+    assert load_config(None, [f"data.source={media_dir}", "model.chunk_size=8", "data.frames=16"]).data.frames == 16
+    cfg = load_config(None, [f"data.source={media_dir}", "model.chunk_size=8"])
+    assert validate(cfg) == cfg  # resolving is idempotent (the trainer validates again)
+
+
+def test_text_fields_take_the_text_as_typed(media_dir):
+    """Only numbers, flags and lists are parsed: a folder named `1e-4` or `lr_1e-4,bs_2` stays that name."""
+    base = [f"data.source={media_dir}", "model.chunk_size=8"]
+    assert load_config(None, [*base, "run.out_dir=1e-4"]).run.out_dir == "1e-4"
+    assert load_config(None, [*base, "run.out_dir=runs/lr_1e-4,bs_2"]).run.out_dir == "runs/lr_1e-4,bs_2"
+    cfg = load_config(None, [*base, "model.temporal=null", "model.init=none", "run.autocast=none", "optim.betas=0.5,0.9"])
+    assert (cfg.model.temporal, cfg.model.init, cfg.run.autocast, cfg.optim.betas) == (None, None, "none", (0.5, 0.9))

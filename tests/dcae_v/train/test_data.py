@@ -89,7 +89,9 @@ def test_corrupt_files_are_skipped_logged_and_counted(tmp_path, caplog):
         for step in range(12):
             assert ds.sample(step, 0).shape == (3, 8, 32, 32)
     assert {p.rsplit("/", 1)[-1] for p in ds.bad} == {"garbage.mp4", "truncated.mkv", "short.mkv"}
-    assert ds.skipped >= 3
+    for step in range(12, 40):  # bad files drawn again are skipped silently, and not counted again
+        ds.sample(step, 0)
+    assert ds.skipped == 3  # distinct files (`skipped_files` in the metrics), not re-draws
     assert sum("skipping" in r.message for r in caplog.records) == 3  # one warning per bad file
 
 
@@ -116,3 +118,42 @@ def test_bad_sources(tmp_path, media_dir):
         list_files(str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match=r"optim.batch_size=7 is larger than the data \(6 files"):
         _data(media_dir).check_batch(7)
+
+
+# ---- sources that are not a folder ----------------------------------------------------------
+def test_a_single_video_is_a_one_clip_source(media_dir):
+    """`data.source=clip.mp4` overfits one video: every sample is a window of it, and a batch
+    larger than one file is fine (it holds several windows and crops of the clip)."""
+    ds = _data(media_dir / "clip0.mkv", max_stride=2)
+    assert ds.files == [media_dir / "clip0.mkv"]
+    ds.check_batch(4)
+    clip = moving_clip(24, 40, 40, seed=0)
+    for step in range(3):
+        assert _find_window(_uint8(ds.sample(step, 1)), clip, 2) is not None
+    assert list_files(str(media_dir / "img0.png")) == [media_dir / "img0.png"]
+
+
+def test_a_binary_file_that_is_not_media_is_refused(tmp_path):
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match=r"neither a folder, a video/image .* nor a text list of files"):
+        list_files(str(blob))
+
+
+def test_a_non_list_text_file_is_refused(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"clips": [\n  "a.mp4"\n]}\n')
+    with pytest.raises(ConfigError, match=r"manifest.json is not a list of videos/images: line 1 \('\{\"clips\": \['\)"):
+        list_files(str(tmp_path / "manifest.json"))
+
+
+def test_missing_listed_files_are_reported_when_the_list_is_read(tmp_path, media_dir, caplog):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{media_dir / 'clip0.mkv'}\n{media_dir / 'clip1.mkv'}\n{tmp_path / 'typo.mkv'}\n")
+    with caplog.at_level(logging.WARNING, logger="dcae_v.train"):
+        ds = _data(listing)
+    assert ds.files == [media_dir / "clip0.mkv", media_dir / "clip1.mkv"]  # left out: never drawn
+    expected = f"1 of 3 files listed in {listing} do not exist and are left out: {tmp_path / 'typo.mkv'}"
+    assert [r.getMessage() for r in caplog.records] == [expected]
+    listing.write_text("typo1.mkv\ntypo2.mkv\n")
+    with pytest.raises(ConfigError, match=r"none of the 2 files listed in .* exists \(e.g. .*typo1.mkv\); relative"):
+        list_files(str(listing))

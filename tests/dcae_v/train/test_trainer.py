@@ -106,6 +106,116 @@ def test_sigkill_mid_write_then_resume(tmp_path, media_dir):
     result = train(cfg, resume=True)
     assert result.step == 3 and len(result.history) == 2
     assert [p.name for p in list_checkpoints(ckpts)][-1] == "step_00000003.pt"
+    assert not [p for p in ckpts.iterdir() if p.name.endswith(".tmp")]  # the resumed run removed the leftover
+
+
+def test_only_our_leftover_temp_files_are_removed_at_start(tmp_path, media_dir):
+    ckpts, export = tmp_path / "checkpoints", tmp_path / "export" / "ema"
+    ckpts.mkdir()
+    export.mkdir(parents=True)
+    ours = [ckpts / ".step_00000031.pt.h4wkyr3k.tmp", export / ".model.safetensors.a_b1.tmp",
+            tmp_path / "export" / ".dcae-v-f32t4c8-step3.pt.x9.tmp"]
+    theirs = [ckpts / ".notes.txt.abc.tmp", ckpts / "step_00000031.pt.tmp", tmp_path / ".step_00000001.pt.abc.tmp"]
+    for p in ours + theirs:
+        p.write_bytes(b"x")
+    train(tiny_config(tmp_path, media_dir, optim={"max_steps": 1}))
+    assert [p for p in ours if p.exists()] == [] and all(p.exists() for p in theirs)
+
+
+# ---- the NVIDIA-layout export keeps the trained architecture --------------------------------
+def test_exported_pt_loads_with_the_trained_config(tmp_path, media_dir):
+    """Trained with chunk_size 8 (the debug preset has 40): the .pt loads with chunk 8 and the
+    measured scaling factor, equal to export/ema, and reconstructs identically; NVIDIA's own loader
+    (torch.load weights_only + strict load of the first EMA entry) still reads the file."""
+    from dcae_v import DCAEV
+    from dcae_v.config import get_preset
+
+    cfg = tiny_config(tmp_path, media_dir, optim={"max_steps": 1}, ema={"decay": 0.5}, checkpoint={"export": True})
+    pt, directory = train(cfg).exports
+    from_pt, from_dir = DCAEV.from_pretrained(pt), DCAEV.from_pretrained(directory)
+    assert from_pt.config == from_dir.config
+    assert from_pt.config.chunk_size == 8 and from_pt.config.scaling_factor not in (1.0, get_preset("debug").scaling_factor)
+    x = torch.rand(1, 3, 16, 32, 32) * 2 - 1  # two 8-frame chunks: a 40-frame-chunk model would differ
+    with torch.no_grad():
+        assert torch.equal(from_pt.decode(from_pt.encode(x)), from_dir.decode(from_dir.encode(x)))
+    obj = torch.load(pt, map_location="cpu", weights_only=True)  # NVIDIA's loader
+    nvidia = DCAEV(get_preset("debug"))
+    nvidia.load_state_dict(next(iter(obj["ema_model_state_dict"].values())), strict=True)
+    assert all(torch.equal(v, from_dir.state_dict()[k]) for k, v in nvidia.state_dict().items())
+
+
+# ---- metrics around restarts --------------------------------------------------------------------
+def _steps(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    csv_steps = [int(line.split(",")[0]) for line in (out_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert csv_steps == [r["step"] for r in rows]
+    return rows
+
+
+def test_a_restart_before_the_first_checkpoint_starts_a_fresh_log(tmp_path, media_dir):
+    train(tiny_config(tmp_path, media_dir, optim={"max_steps": 3}))
+    shutil.rmtree(tmp_path / "checkpoints")  # as if killed before its first checkpoint
+    train(tiny_config(tmp_path, media_dir, optim={"max_steps": 2}))
+    assert [r["step"] for r in _steps(tmp_path)] == [1, 2]
+    shutil.rmtree(tmp_path / "checkpoints")
+    train(tiny_config(tmp_path, media_dir, optim={"max_steps": 1}), resume=True)  # --resume, nothing to resume
+    assert [r["step"] for r in _steps(tmp_path)] == [1]
+
+
+def test_first_row_after_resume_averages_the_same_steps(tmp_path, media_dir):
+    """log_every 3, checkpoint at step 2: the resumed run's row 3 is the mean of steps 1-3, as in
+    the uninterrupted run (the unlogged steps are kept in the checkpoint)."""
+    kw = {"optim": {"max_steps": 4}, "checkpoint": {"every": 2}, "run": {"log_every": 3}}
+    train(tiny_config(tmp_path / "a", media_dir, **kw))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "checkpoints" / "step_00000004.pt").unlink()
+    train(tiny_config(tmp_path / "b", media_dir, **kw), resume=True)
+    a, b = _steps(tmp_path / "a"), _steps(tmp_path / "b")
+    assert [r["step"] for r in b] == [3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert {k: v for k, v in ra.items() if k != "sec_per_step"} == {k: v for k, v in rb.items() if k != "sec_per_step"}
+
+
+# ---- SIGINT / SIGTERM ---------------------------------------------------------------------------
+_SIGNAL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from dcae_v.train import trainer
+    real = trainer.lr_factor
+    def lr_factor(step, cfg):  # a real signal, delivered while step index 2 (the third) runs
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(step, cfg)
+    trainer.lr_factor = lr_factor
+    from dcae_v.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigint_saves_the_current_step_and_resume_equals_an_uninterrupted_run(tmp_path, media_dir):
+    """Ctrl-C during step 3 of 5 with checkpoint.every=0 (no periodic checkpoint): the step
+    finishes, step_3 is saved, exit 130 with how to resume; --resume then ends equal to an
+    uninterrupted run (weights, EMA, optimizer and every metrics row but the timing)."""
+    from dcae_v.cli import main
+
+    kw = {"optim": {"max_steps": 5}, "ema": {"decay": 0.9}, "run": {"log_every": 2}}
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny_config(tmp_path / "run", media_dir, **kw).to_dict()))
+    cmd = ["train", "--config", str(tmp_path / "cfg.json")]
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_SCRIPT, *cmd], check=False, capture_output=True, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped by SIGINT at step 3 of 5; saved" in err and "step_00000003.pt" in err and "--resume" in err
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000003.pt"]
+    assert not (tmp_path / "run" / "export").exists()
+    assert main([*cmd, "--resume"]) == 0
+    full = train(tiny_config(tmp_path / "full", media_dir, **kw))
+    a = torch.load(full.checkpoint, weights_only=True)
+    b = torch.load(tmp_path / "run" / "checkpoints" / "step_00000005.pt", weights_only=True)
+    for key in ("model", "optimizer", "ema", "step"):
+        _assert_states_equal(a[key], b[key], key)
+    rows_a, rows_b = _steps(tmp_path / "full"), _steps(tmp_path / "run")
+    assert [r["step"] for r in rows_b] == [2, 4, 5]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert {k: v for k, v in ra.items() if k != "sec_per_step"} == {k: v for k, v in rb.items() if k != "sec_per_step"}
 
 
 def test_unreadable_newest_checkpoint_falls_back(tmp_path, media_dir, caplog):
@@ -175,7 +285,8 @@ def test_ema_exports_and_logs(tmp_path, media_dir):
         rms = float(from_dir.encode(clips).square().mean().sqrt())
     assert from_dir.config.scaling_factor != 1.0 and 0.6 < from_dir.config.scaling_factor * rms < 1.6
     raw = torch.load(pt, weights_only=True)
-    assert set(raw) == {"model_state_dict", "ema_model_state_dict"} and list(raw["ema_model_state_dict"]) == [0.5]
+    assert set(raw) == {"model_state_dict", "ema_model_state_dict", "dcae_v_config"}
+    assert list(raw["ema_model_state_dict"]) == [0.5]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,rec")

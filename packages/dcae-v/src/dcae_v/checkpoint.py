@@ -2,7 +2,10 @@
 
 * NVIDIA's release: a `torch.save` dict (`dc-ae-v-f32t4c32-1.0-bf16.pt`) holding
   `ema_model_state_dict` = {ema_decay: state_dict} (the first entry is used, as NVIDIA's loader
-  does) or `model_state_dict`. Read with `torch.load(weights_only=True)` only.
+  does) or `model_state_dict`. Read with `torch.load(weights_only=True)` only. Files written by
+  `save_nvidia_checkpoint(..., config=)` (e.g. `dcae-v train`'s export) also hold
+  `dcae_v_config`, the config as JSON text: NVIDIA's loader ignores the extra key, ours uses it
+  (chunk size and scaling factor included, which the weights cannot tell).
 * Ours: a directory with `config.json` + `model.safetensors` (diffusers-style), or a bare
   `.safetensors` file. Key names are the same in both layouts.
 
@@ -35,6 +38,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "dcae-v-tiny-default"
 _TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+NVIDIA_CONFIG_KEY = "dcae_v_config"  # extra top-level key in our NVIDIA-layout .pt: DCAEVConfig as JSON text
 _RUNTIME_FIELDS = ("temporal", "chunk_size", "scaling_factor")  # do not change keys or shapes
 
 
@@ -130,7 +134,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], DCAEVConfig | 
         obj = _load_torch(path)
         if is_training_state(obj):
             return training_state_weights(obj, path)
-        return extract_state_dict(obj, path), None, "NVIDIA .pt"
+        config = _config_from_torch(obj, path)
+        return extract_state_dict(obj, path), config, "NVIDIA .pt" + (" with dcae_v_config" if config else "")
     raise CheckpointError(
         f"{path}: unknown checkpoint type {path.suffix!r}; expected a .pt/.pth file (NVIDIA), "
         f"a .safetensors file, or a directory with {CONFIG_NAME} + {WEIGHTS_NAME}"
@@ -168,6 +173,16 @@ def _config_from_metadata(path: Path) -> DCAEVConfig | None:
         return DCAEVConfig.from_dict(json.loads(text))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the config stored in its metadata is invalid: {e}") from None
+
+
+def _config_from_torch(obj: Any, path: Path) -> DCAEVConfig | None:
+    text = obj.get(NVIDIA_CONFIG_KEY) if isinstance(obj, Mapping) else None
+    if text is None:
+        return None
+    try:
+        return DCAEVConfig.from_dict(json.loads(text))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the config stored under {NVIDIA_CONFIG_KEY!r} is invalid: {e}") from None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -359,11 +374,19 @@ def save_nvidia_checkpoint(
     model_state_dict: Mapping[str, torch.Tensor],
     ema_state_dict: Mapping[str, torch.Tensor] | None = None,
     ema_decay: float = 0.9999,
+    config: DCAEVConfig | None = None,
 ) -> None:
-    """Write NVIDIA's `.pt` layout (loadable by their loader and by `load_dcaev`)."""
+    """Write NVIDIA's `.pt` layout (loadable by their loader and by `load_dcaev`).
+
+    config: stored as JSON text under `dcae_v_config` (a plain string, so `weights_only=True`
+    loads it and NVIDIA's loader, which reads only the state-dict keys, is unaffected); `load_dcaev`
+    then builds this exact architecture (chunk size, temporal mode, scaling factor) instead of
+    inferring a preset from the weights."""
     obj: dict[str, Any] = {"model_state_dict": dict(model_state_dict)}
     if ema_state_dict is not None:
         obj["ema_model_state_dict"] = {ema_decay: dict(ema_state_dict)}
+    if config is not None:
+        obj[NVIDIA_CONFIG_KEY] = config.to_json()
     _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
 
 

@@ -2,7 +2,7 @@
 
 Thin layer: parses arguments, calls `dcae_v.jobs`, turns typed errors into exit codes
 (0 ok, 2 usage, 3 bad input, 4 checkpoint problem, 5 out of memory, 130 interrupted,
-141 output pipe closed; an unexpected bug keeps Python's traceback and exit code 1).
+143 terminated (`train`: SIGTERM, after saving), 141 output pipe closed; an unexpected bug keeps Python's traceback and exit code 1).
 Output paths are checked before a model is loaded, so a typo never costs the compute.
 """
 
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON (or YAML with PyYAML) file with sections model, data, optim, loss, gan, ema, "
                    "checkpoint, run")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. optim.lr=1e-4 data.frames=16")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir "
+                   "(Ctrl-C or SIGTERM saves one at the current step, then exits 130 / 143)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON (usable as --config) and exit, without validating it")
 
@@ -222,7 +223,13 @@ def cmd_train(args) -> int:
     import os
 
     from dcae_v.io import check_output_dir, write_reason
-    from dcae_v.train import TrainingDiverged, TrainingOOM, load_config, train
+    from dcae_v.train import (
+        TrainingDiverged,
+        TrainingInterrupted,
+        TrainingOOM,
+        load_config,
+        train,
+    )
     from dcae_v.train.checkpoints import list_checkpoints
 
     if args.print_config:  # the resolved values, unvalidated: a starting point to edit, not a run
@@ -233,6 +240,8 @@ def cmd_train(args) -> int:
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     if main_process:
         print(cfg, file=sys.stderr)
+        if load_config(args.config, args.overrides, check=False).data.frames is None:
+            print(f"(data.frames not set: one chunk of the model, {cfg.data.frames} frames)", file=sys.stderr)
     out_dir = Path(cfg.run.out_dir)
     check_output_dir(out_dir, "run.out_dir")
     existing = list_checkpoints(out_dir / "checkpoints")
@@ -254,6 +263,10 @@ def cmd_train(args) -> int:
     except TrainingDiverged as e:
         print(f"dcae-v: training diverged: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except TrainingInterrupted as e:
+        if main_process:
+            print(f"dcae-v: {e}", file=sys.stderr)
+        return 128 + e.signum  # 130 for SIGINT (Ctrl-C), 143 for SIGTERM, as a shell reports them
     if main_process:
         print(f"trained to step {result.step}; checkpoint {result.checkpoint}; "
               f"exports: {', '.join(map(str, result.exports)) or 'none'}")

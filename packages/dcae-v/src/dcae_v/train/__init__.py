@@ -12,9 +12,11 @@ from dcae_v.train.config import ConfigError, TrainConfig, load_config
 from dcae_v.train.trainer import (
     Trainer,
     TrainingDiverged,
+    TrainingInterrupted,
     TrainingOOM,
     TrainResult,
     train,
 )
 
-__all__ = ["ConfigError", "TrainConfig", "TrainResult", "Trainer", "TrainingDiverged", "TrainingOOM", "load_config", "train"]
+__all__ = ["ConfigError", "TrainConfig", "TrainResult", "Trainer", "TrainingDiverged", "TrainingInterrupted",
+           "TrainingOOM", "load_config", "train"]

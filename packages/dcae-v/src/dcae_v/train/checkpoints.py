@@ -2,8 +2,9 @@
 
 A checkpoint is `torch.save`d to a temp file next to its final name and renamed only when
 complete (`dcae_v.checkpoint.staged_file`), so a crash or kill during a write leaves at most a
-hidden `.step_*.tmp` file, never a truncated `step_*.pt`. Loading tries the newest file first and
-falls back to older ones if a file is unreadable (e.g. damaged on disk).
+hidden `.step_*.tmp` file, never a truncated `step_*.pt`; such leftovers are deleted when a run
+starts or resumes in the folder. Loading tries the newest file first and falls back to older ones
+if a file is unreadable (e.g. damaged on disk).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dcae_v.errors import CheckpointError
 
 log = logging.getLogger("dcae_v.train")
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+# temp names of `staged_file` (".<final name>.<mkstemp suffix>.tmp") for the files a run writes
+_TEMP = re.compile(r"^\.(step_\d{8}\.pt|dcae-v-.+\.pt|model\.safetensors|config\.json)\.[A-Za-z0-9_]+\.tmp$")
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
@@ -32,6 +35,20 @@ def list_checkpoints(directory: Path) -> list[Path]:
         return []
     found = [(int(m[1]), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def remove_stale_temps(*directories: Path) -> list[Path]:
+    """Delete temp files left by a save that was killed mid-write (only names this trainer makes)."""
+    removed = []
+    for directory in directories:
+        if directory.is_dir():
+            for p in directory.iterdir():
+                if _TEMP.match(p.name) and p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+    if removed:
+        log.info("removed %d leftover temp file(s) of interrupted saves: %s", len(removed), ", ".join(p.name for p in removed))
+    return removed
 
 
 def save_state(directory: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:

@@ -39,8 +39,8 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    source: str = ""  # a folder (searched recursively) or a text file with one path per line
-    frames: int = 16  # T of every video clip (images are 1-frame clips)
+    source: str = ""  # a folder (searched recursively), a list file (one path per line) or one video/image
+    frames: int | None = None  # T of every video clip (images are 1-frame clips); None: one model chunk
     size: int = 32  # square random crop, pixels
     max_stride: int = 1  # frame stride drawn uniformly from 1..max_stride per clip
     image_repeat: int = 1  # how often each image is listed relative to a video when sampling
@@ -96,7 +96,7 @@ class EmaConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    every: int = 500  # steps between full-state checkpoints (0: only at the end)
+    every: int = 500  # steps between full-state checkpoints (0: only at the end, or on SIGINT/SIGTERM)
     keep_last: int = 3
     export: bool = True  # at the end: EMA as NVIDIA .pt and as a save_pretrained directory
 
@@ -139,14 +139,20 @@ class TrainConfig:
         return "\n".join(lines)
 
     def override(self, assignments: list[str] | tuple[str, ...]) -> TrainConfig:
-        """Apply `section.field=value` strings (values parsed as JSON, else taken as text)."""
+        """Apply `section.field=value` strings (values parsed as JSON, else taken as text; a text
+        field takes the text as typed, so `run.out_dir=lr_1e-4,bs_2` is that folder name)."""
         nested = {}
         for a in assignments:
             key, sep, text = a.partition("=")
             if not sep or "." not in key:
                 raise ConfigError(f"override {a!r} must look like section.field=value, e.g. optim.lr=1e-4")
             section, name = key.strip().split(".", 1)
-            nested.setdefault(section, {})[name] = _parse_text(text.strip())
+            hint = _field_hint(self, section, name)
+            text = text.strip()
+            if hint is str or (hint == str | None and text.lower() not in ("none", "null")):
+                nested.setdefault(section, {})[name] = text
+            else:
+                nested.setdefault(section, {})[name] = _parse_text(text)
         return _merge(self, nested)
 
 
@@ -213,6 +219,14 @@ def _merge(cfg: TrainConfig, nested: dict[str, Any]) -> TrainConfig:
             fields[name] = _coerce(value, hints[name], f"{section}.{name}")
         updates[section] = dataclasses.replace(current, **fields)
     return dataclasses.replace(cfg, **updates)
+
+
+def _field_hint(cfg: TrainConfig, section: str, name: str) -> Any:
+    """The type of `section.name`, or None when either is unknown (`_merge` then names the valid ones)."""
+    current = getattr(cfg, section, None)
+    if not dataclasses.is_dataclass(current):
+        return None
+    return typing.get_type_hints(type(current)).get(name)
 
 
 def _parse_text(text: str) -> Any:
@@ -283,6 +297,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         arch = m.build_config()
     except ValueError as e:
         raise ConfigError(f"model config is invalid: {e}") from None
+    if d.frames is None:  # one chunk: the smallest clip the chunk-causal model runs as it will at inference
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, frames=arch.chunk_size))
+        d = cfg.data
     if d.frames < 1 or (d.frames != 1 and d.frames % tc):
         raise ConfigError(f"data.frames={d.frames} must be a multiple of the temporal compression factor {tc}")
     if arch.temporal == "chunk_causal" and d.frames % arch.chunk_size and d.frames != 1:
@@ -327,6 +344,24 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
             f"optim.batch_size={o.batch_size} must be divisible by processes x optim.grad_accum = "
             f"{world_size} x {o.grad_accum} = {per}"
         )
+    _check_run(r)
     if not d.source:
-        raise ConfigError("data.source is empty: give a folder of videos/images or a text file listing them")
+        raise ConfigError("data.source is empty: give a folder of videos/images, a text file listing them, or one video")
     return cfg
+
+
+def _check_run(r: RunConfig) -> None:
+    if not r.out_dir.strip():
+        raise ConfigError("run.out_dir is empty: give the folder for checkpoints, metrics and exports, "
+                          "e.g. run.out_dir=runs/my_run")
+    if r.max_minutes is not None and not r.max_minutes > 0:
+        raise ConfigError(f"run.max_minutes must be > 0 (or none for no time limit), got {r.max_minutes}")
+    if r.threads is not None and r.threads < 1:
+        raise ConfigError(f"run.threads must be >= 1 (or none for torch's default), got {r.threads}")
+    if r.device != "auto":
+        import torch
+
+        try:
+            torch.device(r.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"unknown run.device {r.device!r}; use auto, cpu, cuda or cuda:N") from None

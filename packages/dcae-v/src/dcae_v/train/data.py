@@ -5,7 +5,7 @@ which frame stride, which start frame and which crop all come from
 `numpy.random.default_rng([seed, s, i, attempt])`. So a resumed run sees exactly the batches an
 uninterrupted one would, and N processes splitting the indices of a global batch see exactly the
 clips one process would. A file that fails to decode is skipped (next attempt), logged once and
-counted; it never stops a run.
+counted once (`skipped_files`); it never stops a run.
 """
 
 from __future__ import annotations
@@ -25,27 +25,57 @@ from dcae_v.train.config import ConfigError, DataConfig
 log = logging.getLogger("dcae_v.train")
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".gif", ".m4v", ".mpg", ".mpeg", ".ts"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+MEDIA_SUFFIXES = VIDEO_SUFFIXES | IMAGE_SUFFIXES
 MAX_ATTEMPTS = 32
 
 
 def list_files(source: str) -> list[Path]:
-    """Media files of a folder (recursive, sorted) or of a list file (one path per line, '#' comments,
-    relative paths resolved against the list file's folder)."""
+    """Media files of a folder (recursive, sorted), of a list file (one path per line, '#' comments,
+    relative paths resolved against the list file's folder), or the one video/image named.
+
+    A list file must name only videos and images, so a wrong file (a manifest, a config) is refused
+    at once; listed files that do not exist are reported here, once, and left out."""
     root = Path(source)
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES | IMAGE_SUFFIXES)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES)
         where = f"folder {root}"
+    elif root.is_file() and root.suffix.lower() in MEDIA_SUFFIXES:
+        return [root]  # one clip to overfit: every sample is a random window and crop of it
     elif root.is_file():
-        lines = [ln.strip() for ln in root.read_text().splitlines()]
-        files = [p if p.is_absolute() else root.parent / p for p in (Path(ln) for ln in lines if ln and not ln.startswith("#"))]
+        files = _read_list_file(root)
         where = f"list file {root}"
     else:
-        raise ConfigError(f"data.source {source!r} does not exist; give a folder of videos/images or a list file")
+        raise ConfigError(f"data.source {source!r} does not exist; give a folder of videos/images, a list file or one video")
     if not files:
-        raise ConfigError(
-            f"no videos or images in {where} (looked for {', '.join(sorted(VIDEO_SUFFIXES | IMAGE_SUFFIXES))})"
-        )
+        raise ConfigError(f"no videos or images in {where} (looked for {', '.join(sorted(MEDIA_SUFFIXES))})")
     return files
+
+
+def _read_list_file(path: Path) -> list[Path]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"data.source {path} is neither a folder, a video/image (suffixes {', '.join(sorted(MEDIA_SUFFIXES))}) "
+            f"nor a text list of files (it is not UTF-8 text)"
+        ) from None
+    entries = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1)]
+    entries = [(n, ln) for n, ln in entries if ln and not ln.startswith("#")]
+    for n, ln in entries:
+        if Path(ln).suffix.lower() not in MEDIA_SUFFIXES:
+            raise ConfigError(
+                f"data.source {path} is not a list of videos/images: line {n} ({ln[:80]!r}) does not end in one of "
+                f"{', '.join(sorted(MEDIA_SUFFIXES))}; a list file has one video or image path per line ('#' comments)"
+            )
+    files = [p if p.is_absolute() else path.parent / p for p in (Path(ln) for _, ln in entries)]
+    missing = [p for p in files if not p.is_file()]
+    if missing and len(missing) == len(files):
+        raise ConfigError(f"none of the {len(files)} files listed in {path} exists (e.g. {missing[0]}); "
+                          f"relative paths are taken from the list file's folder {path.parent}")
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        log.warning("%d of %d files listed in %s do not exist and are left out: %s", len(missing), len(files), path, shown)
+    return [p for p in files if p.is_file()]
 
 
 def is_image(path: Path) -> bool:
@@ -76,11 +106,16 @@ class ClipDataset:
         self.files = list_files(cfg.source)
         self.entries = [p for p in self.files for _ in range(cfg.image_repeat if is_image(p) else 1)]
         self.bad: dict[str, str] = {}  # path -> reason, each logged once
-        self.skipped = 0  # sample draws that hit an unusable file
         self._cache: dict[str, torch.Tensor] = {}
 
+    @property
+    def skipped(self) -> int:
+        """Distinct files found unusable so far (each is skipped from then on)."""
+        return len(self.bad)
+
     def check_batch(self, batch_size: int) -> None:
-        if batch_size > len(self.files):
+        single = Path(self.cfg.source).is_file() and Path(self.cfg.source).suffix.lower() in MEDIA_SUFFIXES
+        if batch_size > len(self.files) and not single:  # one named clip: a batch is several windows of it
             raise ConfigError(
                 f"optim.batch_size={batch_size} is larger than the data ({len(self.files)} files in "
                 f"{self.cfg.source}); lower the batch size or add data"
@@ -100,7 +135,6 @@ class ClipDataset:
             rng = np.random.default_rng([self.seed, step, index, attempt])
             path = self.entries[int(rng.integers(len(self.entries)))]
             if str(path) in self.bad:
-                self.skipped += 1
                 continue
             try:
                 return self._clip(path, rng)
@@ -113,7 +147,6 @@ class ClipDataset:
 
     def _mark_bad(self, path: Path, reason: str) -> None:
         self.bad[str(path)] = reason
-        self.skipped += 1
         log.warning("skipping %s (%d unusable so far): %s", path, len(self.bad), reason)
 
     def _clip(self, path: Path, rng: np.random.Generator) -> torch.Tensor:

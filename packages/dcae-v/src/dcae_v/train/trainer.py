@@ -19,12 +19,14 @@ import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.distributed as dist
@@ -34,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from dcae_v.errors import DCAEVError
 from dcae_v.model import DCAEV
 from dcae_v.train import losses
-from dcae_v.train.checkpoints import load_latest, save_state
+from dcae_v.train.checkpoints import load_latest, remove_stale_temps, save_state
 from dcae_v.train.config import ConfigError, TrainConfig, validate
 from dcae_v.train.data import Batch, ClipDataset
 from dcae_v.train.discriminator import VideoDiscriminator
@@ -50,6 +52,14 @@ class TrainingDiverged(DCAEVError):
 
 class TrainingOOM(DCAEVError):
     """A step ran out of memory; the message says which sizes to reduce."""
+
+
+class TrainingInterrupted(DCAEVError):
+    """SIGINT/SIGTERM: the run finished its current step, saved a checkpoint and stopped."""
+
+    def __init__(self, message: str, signum: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.signum, self.checkpoint = signum, checkpoint
 
 
 @dataclass
@@ -96,8 +106,10 @@ class Dist:
             return cls()
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
+            # NCCL for CUDA tensors, gloo for the small CPU ones (loss/NaN/stop flags): NCCL alone
+            # cannot reduce a CPU tensor
+            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+            if torch.cuda.is_available():
                 torch.cuda.set_device(local)
             dist.init_process_group(backend)
         return cls(rank, world, local)
@@ -123,6 +135,34 @@ def _device(cfg: TrainConfig, d: Dist) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"run.device={name} but torch sees no CUDA device; use run.device=cpu")
     return torch.device(name)
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `received`: the loop finishes its step, saves and
+    stops (as a spent `run.max_minutes` does). A second signal aborts at once (KeyboardInterrupt),
+    keeping only the last checkpoint. Handlers can only be set from the main thread; elsewhere
+    this does nothing."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("%s received: saving a checkpoint after this step, then stopping (send it again to stop "
+                    "at once without saving)", signal.Signals(signum).name)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -153,6 +193,7 @@ class Trainer:
         self.micro = cfg.optim.batch_size // (self.d.world * cfg.optim.grad_accum)
         self.step = 0
         self.elapsed = 0.0
+        self.window: list[dict[str, float]] = []  # per-step stats since the last logged row
         self._build()
 
     # ---- construction --------------------------------------------------------------------
@@ -364,6 +405,7 @@ class Trainer:
             "ema": {k: _full(v) for k, v in self.ema.items()} if self.ema is not None else None,
             "rng": {"torch": torch.get_rng_state()},
             "data": {"skipped": self.data.skipped, "bad": dict(self.data.bad)},
+            "log_window": [dict(w) for w in self.window],  # so the first row after a resume is the same mean
         }
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
@@ -399,7 +441,8 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"].get("cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.data.skipped, self.data.bad = state["data"]["skipped"], dict(state["data"]["bad"])
+        self.data.bad = dict(state["data"]["bad"])
+        self.window = [dict(w) for w in state.get("log_window", [])]
         self.step, self.elapsed = state["step"], state["elapsed"]
 
     def save(self) -> Path | None:
@@ -439,7 +482,7 @@ class Trainer:
         final.load_state_dict(ema)
         out_dir = self.out / "export"
         pt = out_dir / f"dcae-v-{self.ae.config.name}-step{self.step}.pt"
-        save_nvidia_checkpoint(pt, state["model"], ema, ema_decay=self.cfg.ema.decay or 0.0)
+        save_nvidia_checkpoint(pt, state["model"], ema, ema_decay=self.cfg.ema.decay or 0.0, config=final.config)
         final.save_pretrained(out_dir / "ema")
         self.d.barrier()
         return [pt, out_dir / "ema"]
@@ -459,23 +502,48 @@ class Trainer:
     # ---- loop ----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.cfg
-        if resume and self.resume() and self.d.main:
-            truncate_metrics(self.out, self.step)  # rows logged after the checkpoint will be logged again
+        resumed = resume and self.resume()
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.ckpt_dir, self.out / "export", self.out / "export" / "ema")
+            # rows after the checkpoint will be logged again; from step 0 (a new run, or one killed
+            # before its first checkpoint) every old row goes
+            truncate_metrics(self.out, self.step)
             (self.out / "config.txt").write_text(str(cfg) + "\n")
+        if resumed and self.window and self.d.main:
+            log.info("resume: the first metrics row also averages the %d step(s) before the checkpoint", len(self.window))
         logger = MetricsLogger(self.out, ["loss", "rec", "perceptual", "adv", "gan_weight", "d_loss", "lr", "grad_norm",
                                           "skipped_files", "sec_per_step"], cfg.run.tensorboard, enabled=self.d.main)
         result = TrainResult(self.step, self.out)
+        with StopSignals() as signals:
+            last_saved, saved_at = self._loop(result, logger, signals)
+            if saved_at != self.step:  # the same decision on every rank (save is collective)
+                last_saved = self.save()
+            interrupted = self._any_rank(signals.received is not None)  # also during that save: no export
+        result.step, result.checkpoint = self.step, last_saved
+        if interrupted:  # a rank that got no signal itself (another one did) exits as if terminated
+            signum = signals.received or signal.SIGTERM
+            name = signal.Signals(signum).name if signals.received else "a signal to another process"
+            raise TrainingInterrupted(
+                f"stopped by {name} at step {self.step} of {cfg.optim.max_steps}; saved {last_saved}. Continue "
+                f"with the same command and --resume", signum, last_saved)
+        if cfg.checkpoint.export:
+            result.exports = self.export()
+        return result
+
+    def _loop(self, result: TrainResult, logger: MetricsLogger, signals: StopSignals) -> tuple[Path | None, int]:
+        cfg = self.cfg
         bar = _progress(cfg, self.d, self.step)
-        start, saved_at, last_saved, window = time.time() - self.elapsed, -1, None, []
+        start, saved_at, last_saved = time.time() - self.elapsed, -1, None
         # one background thread decodes the next step's clips while this step computes (PyAV
         # releases the GIL); it is the only user of the dataset, so batches stay deterministic
         pool = ThreadPoolExecutor(1, thread_name_prefix="dcae-v-data") if cfg.data.prefetch else None
         ahead = pool.submit(self.rank_batches, self.step) if pool else None
         try:
             while self.step < cfg.optim.max_steps:
-                if cfg.run.max_minutes is not None and self._budget_spent(start):
+                if self._any_rank(signals.received is not None):
+                    break
+                if cfg.run.max_minutes is not None and self._any_rank(time.time() - start > cfg.run.max_minutes * 60):
                     log.info("time budget of %.1f min spent at step %d", cfg.run.max_minutes, self.step)
                     break
                 t0 = time.time()
@@ -487,10 +555,10 @@ class Trainer:
                 self.elapsed = time.time() - start
                 stats["sec_per_step"] = time.time() - t0
                 result.history.append(stats)
-                window.append(stats)
+                self.window.append(stats)
                 if self.step % cfg.run.log_every == 0 or self.step == cfg.optim.max_steps:
-                    logger.write(self.step, _window_mean(window))
-                    window.clear()
+                    logger.write(self.step, _window_mean(self.window))
+                    self.window.clear()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats['loss']:.4f}")
@@ -502,16 +570,13 @@ class Trainer:
             logger.close()
             if bar is not None:
                 bar.close()
-        if saved_at != self.step:  # the same decision on every rank (save is collective)
-            last_saved = self.save()
-        result.step, result.checkpoint = self.step, last_saved
-        if cfg.checkpoint.export:
-            result.exports = self.export()
-        return result
+        return last_saved, saved_at
 
-    def _budget_spent(self, start: float) -> bool:
-        flag = torch.tensor([1.0 if time.time() - start > self.cfg.run.max_minutes * 60 else 0.0])
-        return self.d.all_sum(flag).item() > 0  # every rank stops at the same step
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is true on one, so all ranks stop at the same step."""
+        if self.d.world == 1:
+            return flag
+        return self.d.all_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0
 
     def _guarded_step(self, step: int, batches: list[Batch] | None) -> dict[str, float]:
         try:
