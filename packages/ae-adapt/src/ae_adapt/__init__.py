@@ -13,6 +13,7 @@ from ae_adapt.cache import LatentCache, build_cache
 from ae_adapt.errors import (
     AdaptError,
     CacheError,
+    DivergedError,
     OutputError,
     PresetError,
     ProtocolError,
@@ -39,6 +40,7 @@ __all__ = [
     "AdaptPreset",
     "AdaptableDiT",
     "CacheError",
+    "DivergedError",
     "EmbedderAlign",
     "LatentCache",
     "OutputError",

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ae_adapt.errors import CacheError, ShapeError
+from ae_adapt.files import save_safetensors, write_text
+from ae_adapt.trainer import describe_changes
 
 FORMAT = "ae-adapt-latent-cache/1"
 INDEX = "index.json"
@@ -46,15 +47,21 @@ def build_cache(
     null_prompt: str | None = None,
     shard_size: int = 256,
     dtype: torch.dtype = torch.float32,
+    inputs: dict[str, Any] | None = None,
 ) -> Path:
     """Encode every clip ({"video": [3, T, H, W] in [-1, 1], "prompt": str, ...}) with both
     autoencoders and the text encoder and write the cache. `base_ae`/`new_ae` name the
     autoencoders (checked when training reads the cache); `new_patch`, when given, is checked
     against the new latent's shape here rather than hours later. `null_prompt` (e.g. the model's
-    negative prompt) is encoded once and stored for condition dropout."""
+    negative prompt) is encoded once and stored for condition dropout. `inputs` (JSON-able: e.g.
+    clip size, frame count, a digest of the data list) is stored in the index and in the
+    fingerprint, so that `cache_input_changes` can tell a rerun with other inputs, and a stage
+    trained on this cache refuses to resume on another one. Files are written atomically with
+    ordinary permissions; `index.json` comes last."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "base_ae": base_ae, "new_ae": new_ae, "text_encoder": text_encoder}
+    inputs = json.loads(json.dumps(inputs)) if inputs is not None else None
     shards, pending, shapes, count, text_len = [], {}, {}, 0, 0
     null = None
     if null_prompt is not None:
@@ -65,7 +72,7 @@ def build_cache(
     def flush() -> None:
         if pending:
             name = f"shard-{len(shards):05d}.safetensors"
-            save_file(pending, str(out / name), metadata={k: str(v) for k, v in meta.items()})
+            save_safetensors(pending, out / name, metadata={k: str(v) for k, v in meta.items()})
             shards.append({"file": name, "count": len({k.split(".")[0] for k in pending})})
             pending.clear()
 
@@ -96,18 +103,48 @@ def build_cache(
     if count == 0:
         raise CacheError("no clips to cache: the clip source is empty")
     index = {**meta, "count": count, "shapes": shapes, "text_len": text_len, "shards": shards}
+    if inputs is not None:
+        index["inputs"] = inputs
     if null is not None:
         if list(null.shape[1:]) != shapes["context"]:
             raise CacheError(
                 f"the null prompt's embedding has rows of shape {list(null.shape[1:])}, the prompts' "
                 f"{shapes['context']}: encode both with the same text encoder"
             )
-        save_file({"context": null}, str(out / NULL), metadata={k: str(v) for k, v in meta.items()})
+        save_safetensors({"context": null}, out / NULL, metadata={k: str(v) for k, v in meta.items()})
         index["null"] = {"file": NULL, "prompt": null_prompt}
-    tmp = out / f".{INDEX}.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, out / INDEX)
+    write_text(out / INDEX, json.dumps(index, indent=2))
     return out
+
+
+def module_digest(module: torch.nn.Module, config: Any = None, *, sample: int = 16384) -> str:
+    """A content digest of a module's weights (e.g. an autoencoder, to tell a cache built with other
+    weights under the same file name): sha256 over `config` (JSON) and, per tensor in name order,
+    its name, shape, dtype and up to `sample` evenly strided values (copied exactly, so the digest
+    is the same on every device; no sums, whose rounding depends on the device). Cheap (no full
+    hash of gigabytes) and independent of the file layout the weights were loaded from; two
+    trainings differ in every tensor, so the sample tells them apart."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in sorted(module.state_dict().items()):
+            flat = t.detach().reshape(-1)
+            stride = max(1, flat.numel() // sample)
+            values = flat[::stride][:sample].to("cpu", torch.float64)
+            digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+            digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_input_changes(directory: str | os.PathLike, inputs: dict[str, Any], **identity: str) -> list[str]:
+    """["field: old -> new", ...]: how the `inputs` (and autoencoder names given as `identity`, e.g.
+    new_ae=...) of a rerun differ from those the cache in `directory` was built from."""
+    index = json.loads((Path(directory) / INDEX).read_text())
+    changed = [c for k, v in identity.items() for c in describe_changes(index.get(k), v, f"{k}.")]
+    if "inputs" not in index:
+        return changed + ["inputs: not recorded (a cache of an earlier version) -> recorded"]
+    return changed + describe_changes(index["inputs"], json.loads(json.dumps(inputs)))
 
 
 def check_tiling(latent_shape: Sequence[int], patch: Sequence[int]) -> None:
@@ -184,4 +221,7 @@ class LatentCache:
     def fingerprint(self) -> dict[str, Any]:
         """What a training run depends on (stored in its checkpoints)."""
         keys = ("base_ae", "new_ae", "text_encoder", "count", "shapes")
-        return {k: self.index[k] for k in keys}
+        fp = {k: self.index[k] for k in keys}
+        if "inputs" in self.index:  # absent from caches built without inputs (their fingerprint is unchanged)
+            fp["inputs"] = self.index["inputs"]
+        return fp

@@ -59,8 +59,8 @@ def check_output_file(path: str) -> None:
 
 def _export_lora(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
+    from ae_adapt.files import save_safetensors
     from ae_adapt.lora_io import adapter_layer_names, convert_peft_adapter, wrapper_prefix
 
     check_output_file(args.out)
@@ -79,7 +79,7 @@ def _export_lora(args: argparse.Namespace) -> int:
             )
     state = convert_peft_adapter(args.adapter_dir, args.format, strip_prefix=strip)
     try:
-        save_file(state, args.out)
+        save_safetensors(state, args.out)  # atomic, with ordinary permissions
     except (OSError, SafetensorError) as e:
         raise OutputError(f"cannot write {args.out!r}: {e}") from e
     print(f"wrote {len(state) // 3} LoRA layers ({args.format} keys) to {args.out}")

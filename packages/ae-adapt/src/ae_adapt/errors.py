@@ -27,3 +27,8 @@ class PresetError(AdaptError, ValueError):
 
 class OutputError(AdaptError, ValueError):
     """An output path that cannot be written (missing or read-only directory, a directory as target)."""
+
+
+class DivergedError(AdaptError, ArithmeticError):
+    """A stage's loss or gradients became NaN/Inf; stopped before any checkpoint or output was
+    overwritten (the message names the last good checkpoint and what to change)."""

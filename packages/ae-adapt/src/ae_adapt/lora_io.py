@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ae_adapt.errors import AdaptError, ProtocolError
+from ae_adapt.files import chmod_like_open, save_safetensors, staged_dir
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # where PeftModel puts the wrapped model's parameter names
@@ -143,12 +144,15 @@ def save_lora(model: nn.Module, directory: str | os.PathLike) -> Path:
         files["embedder.safetensors"] = _gathered(model.get_patch_embedder().state_dict())
         files["head.safetensors"] = _gathered(model.get_output_head().state_dict())
     if world()[0] == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, state in files.items():
-            save_file(state, str(out / name), metadata={"format": "pt"})
-        cls = _base_model_class(model)
-        auto_mapping = None if config.task_type else {"base_model_class": cls.__name__, "parent_library": cls.__module__}
-        config.save_pretrained(str(out), auto_mapping_dict=auto_mapping)
+        # written into a hidden folder that then takes `out`'s place: an interrupt leaves the old
+        # adapter (or none), never a partial one
+        with staged_dir(out) as tmp:
+            for name, state in files.items():
+                save_file(state, str(tmp / name), metadata={"format": "pt"})
+                chmod_like_open(tmp / name)  # safetensors writes 0600 files
+            cls = _base_model_class(model)
+            auto_mapping = None if config.task_type else {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+            config.save_pretrained(str(tmp), auto_mapping_dict=auto_mapping)
     return out
 
 
@@ -286,8 +290,8 @@ def convert_peft_adapter(
 
 
 def save_export(model: nn.Module, path: str | os.PathLike, fmt: str = "kohya", *, strip_prefix: str = "") -> Path:
-    save_file(export_lora(model, fmt, strip_prefix=strip_prefix), str(path))
-    return Path(path)
+    """`export_lora` written to `path` (atomically, with ordinary permissions)."""
+    return save_safetensors(export_lora(model, fmt, strip_prefix=strip_prefix), path)
 
 
 def apply_exported_lora(

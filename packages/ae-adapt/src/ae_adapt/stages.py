@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +32,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from ae_adapt.errors import PresetError, ShapeError
+from ae_adapt.errors import PresetError, ResumeError, ShapeError
+from ae_adapt.files import save_safetensors
 from ae_adapt.flow import TIMESTEP_SAMPLINGS, diffusion_loss
 from ae_adapt.protocol import Grid, check_adaptable
-from ae_adapt.trainer import DONE, TrainConfig, Trainer, TrainResult, world
+from ae_adapt.trainer import CHECKPOINT, DONE, TrainConfig, Trainer, TrainResult, finished_changes, world
 
 # Batch keys that are latents (everything else is conditioning for forward_from_embeddings).
 LATENT_KEYS = ("base", "new", "base_y", "new_y")
@@ -94,6 +97,10 @@ class AdaptPreset:
     embedder_align: EmbedderAlign = EmbedderAlign()
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise PresetError(f"lora_rank must be a positive integer, got {self.lora_rank!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float) or self.lora_alpha <= 0:
+            raise PresetError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if self.timesteps not in TIMESTEP_SAMPLINGS:
             raise PresetError(f"timesteps must be one of {TIMESTEP_SAMPLINGS}, got {self.timesteps!r}")
         if isinstance(self.embedder_align, dict):  # from JSON overrides
@@ -349,6 +356,49 @@ def _diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout, null_cond
     return fp
 
 
+def embedder_fingerprint(in_channels, patch, align=None, fingerprint=None) -> dict[str, Any]:
+    """What stage 1's checkpoint and done.json depend on besides its TrainConfig."""
+    fp = {"in_channels": in_channels, "patch": list(patch), **(fingerprint or {})}
+    if align is not None and align != EmbedderAlign():
+        fp["align"] = dataclasses.asdict(align)
+    return fp
+
+
+def head_fingerprint(
+    out_channels, patch, shift=1.0, timesteps="uniform", grid_steps=50, cond_dropout=0.0, null_cond=None, fingerprint=None
+) -> dict[str, Any]:
+    """What stage 2's checkpoint and done.json depend on besides its TrainConfig."""
+    return {
+        "out_channels": out_channels,
+        "patch": list(patch),
+        **_diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout, null_cond),
+        **(fingerprint or {}),
+    }
+
+
+def lora_fingerprint(
+    rank,
+    alpha,
+    targets,
+    train_embedder_and_head=True,
+    shift=1.0,
+    timesteps="uniform",
+    grid_steps=50,
+    cond_dropout=0.0,
+    null_cond=None,
+    fingerprint=None,
+) -> dict[str, Any]:
+    """What a LoRA stage's checkpoint and done.json depend on besides its TrainConfig."""
+    return {
+        "rank": rank,
+        "alpha": alpha,
+        "targets": list(targets),
+        **_diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout, null_cond),
+        "embedder_and_head": train_embedder_and_head,
+        **(fingerprint or {}),
+    }
+
+
 # ---- the stages -------------------------------------------------------------------------------
 def _fresh(seed: int, build):
     """Build a new module under a seeded, forked RNG (reproducible, no side effect)."""
@@ -382,9 +432,7 @@ def align_embedder(
     embedder = _fresh(cfg.seed, lambda: model.replace_patch_embedder(in_channels, tuple(patch)))
     embedder.requires_grad_(True)
     align = align or EmbedderAlign()
-    fp = {"in_channels": in_channels, "patch": list(patch), **(fingerprint or {})}
-    if align != EmbedderAlign():
-        fp["align"] = dataclasses.asdict(align)
+    fp = embedder_fingerprint(in_channels, patch, align, fingerprint)
     trainer = Trainer(
         EmbedderAlignTask(model, base_embedder, align),
         data,
@@ -394,8 +442,9 @@ def align_embedder(
         fingerprint=fp,
         fsdp_units=_units(model),
     )
-    result = trainer.fit(stop_at=stop_at)
+    result = trainer.fit(stop_at=stop_at, mark_done=False)
     _save_module(embedder, Path(run_dir) / EMBEDDER_FILE, trainer.rank)
+    _done(trainer)
     return result
 
 
@@ -424,19 +473,15 @@ def align_head(
     embedder = model.get_patch_embedder()
     embedder.requires_grad_(True)
     head.requires_grad_(True)
-    fp = {
-        "out_channels": out_channels,
-        "patch": list(patch),
-        **_diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout, null_cond),
-        **(fingerprint or {}),
-    }
+    fp = head_fingerprint(out_channels, patch, shift, timesteps, grid_steps, cond_dropout, null_cond, fingerprint)
     task = DiffusionTask(
         model, shift, timesteps=timesteps, grid_steps=grid_steps, cond_dropout=cond_dropout, null_cond=null_cond
     )
     trainer = Trainer(task, data, cfg, run_dir, stage="align_head", fingerprint=fp, fsdp_units=_units(model))
-    result = trainer.fit(stop_at=stop_at)
+    result = trainer.fit(stop_at=stop_at, mark_done=False)
     _save_module(embedder, Path(run_dir) / EMBEDDER_FILE, trainer.rank)
     _save_module(head, Path(run_dir) / HEAD_FILE, trainer.rank)
+    _done(trainer)
     return result
 
 
@@ -473,21 +518,24 @@ def lora_finetune(
     if train_embedder_and_head:
         model.get_patch_embedder().requires_grad_(True)
         model.get_output_head().requires_grad_(True)
-    fp = {
-        "rank": rank,
-        "alpha": alpha,
-        "targets": list(targets),
-        **_diffusion_fingerprint(shift, timesteps, grid_steps, cond_dropout, null_cond),
-        "embedder_and_head": train_embedder_and_head,
-        **(fingerprint or {}),
-    }
+    fp = lora_fingerprint(
+        rank, alpha, targets, train_embedder_and_head, shift, timesteps, grid_steps, cond_dropout, null_cond, fingerprint
+    )
     task = DiffusionTask(
         model, shift, timesteps=timesteps, grid_steps=grid_steps, cond_dropout=cond_dropout, null_cond=null_cond
     )
     trainer = Trainer(task, data, cfg, run_dir, stage=stage, fingerprint=fp, fsdp_units=_units(model))
-    result = trainer.fit(stop_at=stop_at)
+    result = trainer.fit(stop_at=stop_at, mark_done=False)
     lora_io.save_lora(model, Path(run_dir) / "adapter")
+    _done(trainer)
     return result
+
+
+def _done(trainer: Trainer) -> None:
+    """done.json after the stage's outputs: an interrupt while they are written leaves the stage
+    unmarked, and the rerun writes them again from the finished checkpoint."""
+    if trainer.finished:
+        trainer.mark_done()
 
 
 def restore_new_ends(
@@ -547,7 +595,13 @@ def run_all(
         **diffusion,
         "fingerprint": fingerprint,
     }
-    if is_done(d1):
+    stages = [("lora", d3, preset.lora, data)] + [
+        (name, out / f"4-{name}", preset.resolution_config(steps), res_data)
+        for (name, steps), res_data in zip(preset.resolution, resolution_data)
+    ]
+    order = [d1, d2] + [run_dir for _, run_dir, _, _ in stages]
+    embedder_fp = embedder_fingerprint(in_channels, patch, preset.embedder_align, fingerprint)
+    if _finished(d1, "align_embedder", preset.embedder, embedder_fp, [EMBEDDER_FILE], order):
         model.replace_patch_embedder(in_channels, tuple(patch)).load_state_dict(load_file(str(d1 / EMBEDDER_FILE)))
     else:
         align_embedder(
@@ -562,7 +616,8 @@ def run_all(
         )
         if distributed:
             return False
-    if is_done(d2):
+    head_fp = head_fingerprint(out_channels, patch, **diffusion, fingerprint=fingerprint)
+    if _finished(d2, "align_head", preset.head, head_fp, [EMBEDDER_FILE, HEAD_FILE], order):
         restore_new_ends(model, d2, in_channels=in_channels, out_channels=out_channels, patch=patch)
     else:
         align_head(
@@ -577,18 +632,70 @@ def run_all(
         )
         if distributed:
             return False
-    stages = [("lora", d3, preset.lora, data)] + [
-        (name, out / f"4-{name}", preset.resolution_config(steps), res_data)
-        for (name, steps), res_data in zip(preset.resolution, resolution_data)
-    ]
+    lora_fp = lora_fingerprint(preset.lora_rank, preset.lora_alpha, targets, True, **diffusion, fingerprint=fingerprint)
     for name, run_dir, cfg, stage_data in stages:
-        if is_done(run_dir):
+        if _finished(run_dir, name, cfg, lora_fp, [_ADAPTER_CONFIG, _ADAPTER_WEIGHTS], order):
             _load_adapter(model, run_dir / "adapter")
             continue
         lora_finetune(model, stage_data, cfg, run_dir, stage=name, **lora)
         if distributed:
             return False
     return True
+
+
+_ADAPTER_CONFIG, _ADAPTER_WEIGHTS = "adapter/adapter_config.json", "adapter/adapter_model.safetensors"
+
+
+def _readable(path: Path) -> bool:
+    """Whether an output file is there and whole enough to load (safetensors header, JSON)."""
+    if not path.is_file():
+        return False
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+    except (OSError, ValueError, SafetensorError):  # rewritten or reported by the caller
+        return False
+    return True
+
+
+def _finished(
+    run_dir: Path, stage: str, cfg: TrainConfig, fingerprint: dict[str, Any], files: Sequence[str], order: Sequence[Path]
+) -> bool:
+    """Whether run_all may restore the stage from `run_dir` instead of training it: it has finished
+    (done.json) with the same settings and its output files are readable. A stage that finished
+    with other settings is refused (its results would silently stand for the new ones); one whose
+    outputs are missing or damaged is trained "again", i.e. resumed from its finished checkpoint,
+    which only writes the outputs."""
+    if not is_done(run_dir):
+        return False
+    changed = finished_changes(run_dir, stage, cfg, fingerprint)
+    if changed:
+        later = [str(d) for d in order[order.index(run_dir) + 1 :] if d.exists()]
+        also = f" and the later stages' {', '.join(later)}" if later else ""
+        raise ResumeError(
+            f"stage {stage} in {run_dir} has already finished with other settings: {'; '.join(changed)}. Its results "
+            f"are not reused for the new settings: use a new output directory, or delete {run_dir}{also} to train "
+            "it again with them (or rerun with the old settings)"
+        )
+    bad = [f for f in files if not _readable(run_dir / f)]
+    if not bad:
+        return True
+    if (run_dir / CHECKPOINT).is_file():
+        warnings.warn(
+            f"stage {stage} in {run_dir} has finished, but {', '.join(bad)} is missing or unreadable (an interrupted "
+            f"write?): writing it again from {run_dir / CHECKPOINT}",
+            stacklevel=3,
+        )
+        return False
+    raise ResumeError(
+        f"stage {stage} in {run_dir} has finished, but {', '.join(bad)} is missing or unreadable and there is no "
+        f"{CHECKPOINT} to write it again from: delete {run_dir} to train the stage again"
+    )
 
 
 def _load_adapter(model: nn.Module, adapter_dir: Path) -> None:
@@ -601,10 +708,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> None:
 def _save_module(module: nn.Module, path: Path, rank: int) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in _full_state(module).items()}
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, path)
+        save_safetensors(state, path)  # atomic, with ordinary permissions
     # the other ranks may read the file next (restore_new_ends): not before rank 0 has replaced it
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

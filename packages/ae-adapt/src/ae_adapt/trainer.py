@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -34,14 +35,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ae_adapt.errors import AdaptError, ProtocolError, ResumeError
+from ae_adapt.errors import AdaptError, DivergedError, ProtocolError, ResumeError
+from ae_adapt.files import write_text
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 EMA_SCHEDULES = ("dcgen", "diffusers")
-DONE = "done.json"  # written when a stage has finished (its outputs can be restored without training)
-# Fields that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("steps", "ckpt_every", "log_every", "progress")
+DONE = "done.json"  # written last, once a stage has finished and written its outputs
+# Fields that change nothing a finished stage has produced (a rerun may change them).
+FREE_CHANGES = ("ckpt_every", "log_every", "progress")
+# Fields that may change between an interrupted run and its resumption: the step count, and the
+# step size (to go on from the last good checkpoint of a diverged run with a lower lr or clipping;
+# a note says that the run is then no exact continuation).
+RESUMABLE_CHANGES = ("steps", *FREE_CHANGES)
+TUNABLE_ON_RESUME = ("lr", "warmup_steps", "warmup_start_lr", "max_grad_norm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +187,47 @@ def fully_shard_task(task: nn.Module, units: Sequence[nn.Module]) -> nn.Module:
     return task
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """["key.sub: old -> new", ...] for the leaves that differ between two JSON-like values (a key
+    only one side has reads as None), so that a refusal names the changed setting."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += describe_changes(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    if old == new:
+        return []
+    return [f"{prefix.rstrip('.') or 'value'}: {_short(old)} -> {_short(new)}"]
+
+
+def _config_with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored TrainConfig dict; a field added after it was written reads as its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    defaults["no_decay_keys"] = []
+    return {**defaults, **stored}
+
+
+def finished_changes(run_dir: str | os.PathLike, stage: str, cfg: TrainConfig, fingerprint: dict[str, Any] | None) -> list[str]:
+    """What differs between a finished stage's `done.json` and the settings it would be trained
+    with now (the fields of FREE_CHANGES aside). Empty for a `done.json` written before the settings
+    were recorded in it."""
+    done = json.loads((Path(run_dir) / DONE).read_text())
+    if "config" not in done:
+        return []
+    new = cfg.to_dict()
+    old = _config_with_defaults(done["config"])
+    changed = [c for k in new if k not in FREE_CHANGES for c in describe_changes(old.get(k), new[k], f"{k}.")]
+    if done.get("stage") != stage:
+        changed.insert(0, f"stage: {done.get('stage')!r} -> {stage!r}")
+    changed += describe_changes(done.get("fingerprint", {}), json.loads(json.dumps(fingerprint or {})))
+    return changed
+
+
 class Trainer:
     """Trains the parameters of `task` that require grad on `dataset`.
 
@@ -238,6 +286,7 @@ class Trainer:
             params = dict(task.named_parameters())
             self.ema = {n: params[n].detach().clone().float() for n in self.names}
         self.holds_ema = False  # True once fit() has copied the EMA into the parameters
+        self.saved_step: int | None = None  # step of the checkpoint on disk (None: none yet)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -285,6 +334,7 @@ class Trainer:
             tmp = self.run_dir / f".{CHECKPOINT}.tmp"
             torch.save(state, tmp)
             os.replace(tmp, self.run_dir / CHECKPOINT)
+        self.saved_step = self.step
         if self.sharded:
             dist.barrier()
 
@@ -317,13 +367,15 @@ class Trainer:
             params = dict(self.task.named_parameters())
             self.ema = {n: _like_param(state["ema"][n], params[n]) for n in self.names}
         self.step, self.finished, self.plateau = state["step"], state["finished"], state["plateau"]
+        self.saved_step = self.step
         self.holds_ema = False
         self._truncate_log()
         return True
 
     def _truncate_log(self) -> None:
         """Drop log records of steps after the checkpoint (a killed run logged them; the resumed run
-        logs them again), so that the log of a resumed run equals an uninterrupted one's."""
+        logs them again), so that the log of a resumed run equals an uninterrupted one's. A run
+        that starts from step 0 (killed before its first checkpoint) starts the log afresh."""
         path = self.run_dir / LOG
         if self.rank != 0 or not path.exists():
             return
@@ -335,32 +387,41 @@ class Trainer:
             os.replace(tmp, path)
 
     def _check_compatible(self, state: dict[str, Any], path: Path) -> None:
-        # a field added after the checkpoint was written reads as its default
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-        defaults["no_decay_keys"] = []
-        old, new = {**defaults, **state["config"]}, self.cfg.to_dict()
-        changed = [
-            f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]
-        ]
+        old, new = _config_with_defaults(state["config"]), self.cfg.to_dict()
+        free = RESUMABLE_CHANGES + TUNABLE_ON_RESUME
+        changed = [c for k in new if k not in free for c in describe_changes(old.get(k), new[k], f"{k}.")]
         if state["stage"] != self.stage:
             changed.insert(0, f"stage: {state['stage']!r} -> {self.stage!r}")
-        if state["fingerprint"] != self.fingerprint:
-            changed.append(f"run inputs: {state['fingerprint']} -> {self.fingerprint}")
+        changed += describe_changes(state["fingerprint"], self.fingerprint)
         if state["trainable"] != self.names:
             changed.append("trainable parameters differ")
         if state["world_size"] != self.world_size:
             changed.append(f"world size: {state['world_size']} -> {self.world_size}")
         if changed:
             raise ResumeError(
-                f"{path} was written by a different run ({'; '.join(changed)}). Resume with the same settings "
-                f"(only {', '.join(RESUMABLE_CHANGES)} may change) or use a new output directory."
+                f"{path} (stage {state['stage']}, unfinished at step {state['step']}) was written with other "
+                f"settings: {'; '.join(changed)}. Rerun with the old settings to resume it (only "
+                f"{', '.join(RESUMABLE_CHANGES + TUNABLE_ON_RESUME)} may change), or start over: use a new "
+                f"output directory, or delete {self.run_dir}."
+            )
+        tuned = [c for k in TUNABLE_ON_RESUME for c in describe_changes(old.get(k), new[k], f"{k}.")]
+        if tuned and self.rank == 0:
+            warnings.warn(
+                f"resuming {path} at step {state['step']} with {'; '.join(tuned)}: the run goes on from there "
+                "with the new values (no exact continuation of the old run)",
+                stacklevel=2,
             )
 
     # ---- the loop -----------------------------------------------------------------------------
-    def fit(self, stop_at: int | None = None) -> TrainResult:
+    def fit(self, stop_at: int | None = None, *, mark_done: bool = True) -> TrainResult:
         """Train up to `cfg.steps` (or `stop_at`, to simulate an interruption), resuming first. With
-        EMA on, the trainable parameters hold the EMA on return (the checkpoint the raw weights)."""
-        self.resume()
+        EMA on, the trainable parameters hold the EMA on return (the checkpoint the raw weights).
+        A finished stage gets its `done.json` here, or, with `mark_done=False`, from `mark_done()`
+        once the caller has written the stage's outputs (so that a marked stage always has them).
+        A NaN/Inf loss or gradient raises DivergedError before the optimizer step, so neither the
+        weights nor the last checkpoint take the bad step."""
+        if not self.resume():
+            self._truncate_log()  # step 0: rows of an earlier run killed before its first checkpoint
         result = TrainResult(step=self.step)
         end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
         if not self.finished and self.step >= self.cfg.steps:
@@ -369,7 +430,8 @@ class Trainer:
             self.finished = True
             self.save()
         if self.finished:
-            self._mark_done()
+            if mark_done:
+                self.mark_done()
             self._apply_ema()
             return result
         bar = _progress(self.cfg.progress and self.rank == 0, self.step, self.cfg.steps, self.stage)
@@ -403,8 +465,8 @@ class Trainer:
             bar.close()
         if not self.finished and self.step % self.cfg.ckpt_every:
             self.save()
-        if self.finished:
-            self._mark_done()
+        if self.finished and mark_done:
+            self.mark_done()
         self._apply_ema()
         result.step = self.step
         return result
@@ -430,9 +492,37 @@ class Trainer:
             params[n].copy_(e)
         self.holds_ema = True
 
-    def _mark_done(self) -> None:
+    def mark_done(self) -> None:
+        """Write `done.json` (atomically) with the settings the stage was trained with: a rerun with
+        other ones is refused (`finished_changes`) instead of restoring these results."""
+        if not self.finished:
+            raise AdaptError(f"stage {self.stage!r} has not finished (step {self.step} of {self.cfg.steps})")
         if self.rank == 0:
-            (self.run_dir / DONE).write_text(json.dumps({"stage": self.stage, "step": self.step}))
+            record = {
+                "stage": self.stage,
+                "step": self.step,
+                "config": self.cfg.to_dict(),
+                "fingerprint": self.fingerprint,
+            }
+            write_text(self.run_dir / DONE, json.dumps(record))
+        if self.sharded:
+            dist.barrier()
+
+    def _diverged(self, what: str, value: float) -> DivergedError:
+        saved = self.run_dir / CHECKPOINT
+        last = (
+            f"{saved} (step {self.saved_step}) is kept as the last good state and a rerun resumes from it"
+            if self.saved_step is not None
+            else f"no checkpoint was written yet ({saved}): a rerun starts the stage over"
+        )
+        err = DivergedError(
+            f"stage {self.stage} diverged: the {what} is {value} at step {self.step + 1}; stopped before that "
+            f"step and without saving, so {last}. Lower the stage's lr (now {lr_at(self.cfg, self.step):g}), "
+            f"lengthen its warm-up or set max_grad_norm (e.g. 1.0), or check the data; these may change "
+            f"on resume"
+        )
+        err.stage, err.step, err.checkpoint = self.stage, self.step + 1, saved if self.saved_step is not None else None
+        return err
 
     def _one_step(self) -> float:
         cfg = self.cfg
@@ -453,8 +543,18 @@ class Trainer:
         if self.sharded:  # gloo has no AVG
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
             total /= self.world_size
+        if not torch.isfinite(total):  # the same on every rank (all-reduced)
+            self.opt.zero_grad(set_to_none=True)
+            raise self._diverged("loss", float(total))
+        grads = [p for p in self.task.parameters() if p.requires_grad and p.grad is not None]
         if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in self.task.parameters() if p.requires_grad], cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(grads, cfg.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+        norm = _full_tensor(norm)
+        if not torch.isfinite(norm):
+            self.opt.zero_grad(set_to_none=True)
+            raise self._diverged("gradient norm", float(norm))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self._update_ema()
@@ -474,7 +574,7 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON
 
 
 def param_groups(task: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -533,7 +633,9 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "describe_changes",
     "ema_decay_at",
+    "finished_changes",
     "init_distributed",
     "lr_at",
     "param_groups",

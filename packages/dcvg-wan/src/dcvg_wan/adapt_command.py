@@ -15,6 +15,14 @@
 
 Data: a folder of videos, each with a `<name>.txt` prompt beside it, or a `.jsonl` file of
 {"video": path, "prompt": text} lines.
+
+Reruns into the same --out resume or restore only what was made with the same settings: the cache
+records its inputs (--size, --frame_num, --task, a digest of the data list: each video's name,
+file size and prompt, and a content digest of the DC-AE-V weights, not their file name), and each
+stage's done.json its settings. A rerun with other ones is refused with the changed fields named
+(use a new --out, or delete the named folders). A NaN/Inf loss stops the stage without touching
+its last checkpoint (DivergedError; the command exits non-zero, "diverged": exit 6 as
+`dcae-v train`), and a rerun with a lower lr resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -138,28 +146,49 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def _apply_overrides(preset_name: str, overrides: dict) -> dict:
-    """Turn nested overrides into `get_preset` keyword arguments (sub-configs replaced field-wise)."""
-    from ae_adapt import get_preset
+    """Turn nested overrides into `get_preset` keyword arguments (sub-configs replaced field-wise),
+    each value checked against its field's type (`ae_adapt.overrides`)."""
+    from ae_adapt.errors import PresetError
+    from ae_adapt.overrides import preset_overrides
 
-    base = get_preset(preset_name)
-    kwargs = {}
-    for key, value in overrides.items():
-        if not hasattr(base, key):
-            raise InputError(f"unknown ae-adapt preset field {key!r}")
-        current = getattr(base, key)
-        if isinstance(value, dict):
-            for field, given in value.items():
-                had = getattr(current, field, None)
-                if isinstance(had, int | float) and not isinstance(had, bool) and not (
-                        isinstance(given, int | float) and not isinstance(given, bool)):
-                    raise InputError(f"--set {key}.{field}: expected a number, got {given!r}")
-            try:
-                kwargs[key] = current.replace(**value)
-            except (TypeError, ValueError) as err:
-                raise InputError(f"bad override {key}.{', '.join(value)}: {err}") from err
-        else:
-            kwargs[key] = tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
-    return kwargs
+    try:
+        return preset_overrides(preset_name, overrides)
+    except PresetError as err:
+        raise InputError(f"--set: bad override {err}") from err
+
+
+# which --set section holds the lr of a stage (for the hint of a diverged run)
+STAGE_SECTIONS = {"align_embedder": "embedder", "align_head": "head"}
+
+
+def data_digest(data: str | os.PathLike) -> dict:
+    """{"videos": count, "digest": ...} of the data list: each video's path (relative to the data
+    folder or list), file size and prompt. Not the video bytes (hours of reading on a big set):
+    an edited video that keeps its name and size goes unnoticed."""
+    import hashlib
+
+    root = Path(data) if Path(data).is_dir() else Path(data).parent
+    rows = []
+    for path, prompt in list_videos(data):
+        size = path.stat().st_size if path.is_file() else None
+        rows.append([os.path.relpath(path, root), size, prompt])
+    return {"videos": len(rows), "digest": hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]}
+
+
+def check_cache_inputs(cache_dir: Path, out: Path, inputs: dict, new_ae: str) -> None:
+    """Refuse a cache in --out built from other inputs (size, frames, task, data, autoencoder),
+    naming the changed ones: its latents would silently stand for the new ones."""
+    from ae_adapt.cache import cache_input_changes
+
+    changed = cache_input_changes(cache_dir, inputs, new_ae=new_ae)
+    if changed:
+        stages = sorted(str(d) for d in out.iterdir() if d.is_dir() and d.name[:2] in ("1-", "2-", "3-", "4-"))
+        also = f" and the stage folders trained on it ({', '.join(stages)})" if stages else ""
+        raise InputError(
+            f"{cache_dir} was built from other inputs than this run's: {'; '.join(changed)}. Its latents do not "
+            f"fit the new ones: use a new --out, or delete {cache_dir}{also} to rebuild it "
+            "(or rerun with the old arguments)"
+        )
 
 
 def task_of(config, asked: str | None) -> str:
@@ -184,7 +213,11 @@ def task_of(config, asked: str | None) -> str:
 
 
 def run(args: argparse.Namespace, log=print):
+    import dataclasses
+
     from ae_adapt import build_cache
+    from ae_adapt.cache import module_digest
+    from ae_adapt.errors import DivergedError
     from dcae_v import DCAEV
     from dcvg_wan.adapt import run_adapt
     from dcvg_wan.checkpoint import read_wan_config
@@ -209,10 +242,15 @@ def run(args: argparse.Namespace, log=print):
     log(f"task {task}; ae-adapt preset {preset} (Table 8)")
     shipped = args.dcae_ckpt == "default"
     dcae = DCAEV.from_pretrained(None if shipped else args.dcae_ckpt).to(device, torch.float32).eval()
-    dcae_name = f"dcae-v:{Path(args.dcae_ckpt).name}:{dcae.config.latent_channels}c"
+    # identified by its weights, not its file name: another DC-AE-V under the same name is another latent space
+    digest = module_digest(dcae, dataclasses.asdict(dcae.config))
+    dcae_name = f"dcae-v:{dcae.config.latent_channels}c:sha256-{digest[:16]}"
     out = Path(args.out)
     cache_dir = out / "cache"
-    if not (cache_dir / "index.json").is_file():
+    inputs = {"size": f"{width}*{height}", "frame_num": args.frame_num, "task": task, "data": data_digest(args.data)}
+    if (cache_dir / "index.json").is_file():
+        check_cache_inputs(cache_dir, out, inputs, dcae_name)
+    else:
         log(f"building the latent cache in {cache_dir}")
         vae = WanVAE.from_pretrained(paths.vae).to(device).eval()
         text = TextEncoder.from_pretrained(paths.text_encoder, tokenizer_dir=paths.tokenizer, device=device)
@@ -246,12 +284,19 @@ def run(args: argparse.Namespace, log=print):
             extra=extra,
             new_patch=(1, 1, 1),
             null_prompt=null_prompt(task),
+            inputs=inputs,
         )
         del vae, text, image_encoder, base, new
     model = WanModel.from_pretrained(paths.dit, device=device)
-    result = run_adapt(model, cache_dir, out, base_ae="wan-vae", new_ae=dcae_name,
-                       new_channels=dcae.latent_channels, patch=(1, 1, 1), preset=preset, overrides=overrides,
-                       lora_scope=getattr(args, "lora_scope", "blocks"))
+    try:
+        result = run_adapt(model, cache_dir, out, base_ae="wan-vae", new_ae=dcae_name,
+                           new_channels=dcae.latent_channels, patch=(1, 1, 1), preset=preset, overrides=overrides,
+                           lora_scope=getattr(args, "lora_scope", "blocks"))
+    except DivergedError as err:  # name the --set that lowers this stage's lr
+        section = STAGE_SECTIONS.get(getattr(err, "stage", ""), "lora")
+        hinted = DivergedError(f"{err} (here: --set {section}.lr=... or {section}.max_grad_norm=1.0)")
+        hinted.stage, hinted.step, hinted.checkpoint = err.stage, err.step, err.checkpoint
+        raise hinted from err
     if result is None:
         log("this launch finished one stage (torchrun: one stage per launch); run the same command again")
         return None

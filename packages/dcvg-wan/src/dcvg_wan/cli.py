@@ -1,7 +1,8 @@
 """`dcvg-wan` command line.
 
 Thin layer: parses arguments, calls the library, turns typed errors into exit codes
-(0 ok, 2 usage, 3 bad input, 4 checkpoint problem, 130 interrupted; an unexpected bug keeps
+(0 ok, 2 usage, 3 bad input, 4 checkpoint problem, 6 training diverged (adapt), 130 interrupted;
+an unexpected bug keeps
 Python's traceback and exit code 1). Commands: `generate` (official generate.py flags), `convert`
 (between checkpoint layouts), `cost` (tokens and FLOPs per DiT step), `adapt` (AE-Adapt-V).
 """
@@ -19,6 +20,7 @@ from dcvg_wan.__about__ import __version__
 from dcvg_wan.errors import CheckpointError, InputError
 
 EXIT_INPUT, EXIT_CHECKPOINT = 3, 4
+EXIT_DIVERGED = 6  # `adapt`: a non-finite loss or gradient, as dcae-v train
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
@@ -37,11 +39,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from ae_adapt.errors import AdaptError
+    from ae_adapt.errors import AdaptError, DivergedError
     from dcvg_wan.adapt_command import run
 
     try:
         run(args)
+    except DivergedError as e:  # the last good checkpoint is kept; the message says what to change
+        print(f"dcvg-wan: training diverged: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     except AdaptError as e:  # cache/protocol/resume problems are the user's to fix
         raise InputError(str(e)) from e
     return 0
