@@ -93,3 +93,6 @@ def test_dcvg_wan_wheel_ships_the_embedded_demo_model(tmp_path):
                    "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/tokenizer.json",
                    "defaults.json"):
         assert f"dcvg_wan/assets/t2v-tiny/{needed}" in names
+    for needed in ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+                   "image_encoder/config.json", "image_encoder/model.safetensors", "defaults.json", "example.png"):
+        assert f"dcvg_wan/assets/i2v-tiny/{needed}" in names

@@ -1,7 +1,8 @@
 """`dcvg-wan generate`: the official generate.py flags on our pipelines (a thin app).
 
-Without --ckpt_dir it runs the embedded demo model (`dcvg_wan.assets/t2v-tiny`, DC-AE-V latents),
-so the command does something real offline; with it, the user's Wan-2.1 or DC-VideoGen weights.
+Without --ckpt_dir it runs the embedded demo models (`dcvg_wan.assets/t2v-tiny`, and
+`i2v-tiny` with --image; DC-AE-V latents), so the command does something real offline; with it,
+the user's Wan-2.1 or DC-VideoGen weights.
 """
 
 from __future__ import annotations
@@ -39,27 +40,33 @@ NOT_SUPPORTED = {
     "vace-14B": _VACE,
 }
 EMBEDDED = "t2v-tiny"
+EMBEDDED_I2V = "i2v-tiny"  # the same DiT made image-to-video (tools/train_wan_default.py)
+EMBEDDED_TASKS = (EMBEDDED, EMBEDDED_I2V)
 
 
-def embedded_default() -> tuple[ComponentPaths, dict]:
-    """Paths of the shipped demo model and its sampling defaults (defaults.json)."""
-    root = Path(str(resources.files("dcvg_wan") / "assets" / EMBEDDED))
-    if not (root / "defaults.json").is_file():
+def embedded_default(name: str = EMBEDDED) -> tuple[ComponentPaths, dict]:
+    """Paths of a shipped demo model and its sampling defaults (defaults.json). i2v-tiny ships its
+    DiT and CLIP tower and reads t2v-tiny's text encoder, tokenizer and autoencoder."""
+    assets = Path(str(resources.files("dcvg_wan") / "assets"))
+    base, root = assets / EMBEDDED, assets / name
+    if not (root / "defaults.json").is_file() or not (base / "defaults.json").is_file():
         raise InputError(
             f"the embedded demo model is missing from this installation ({root}); pass --ckpt_dir with Wan-2.1 weights"
         )
     # the demo DiT only understands the latents of the autoencoder it was trained on: it ships beside
     # it (autoencoder/), so that a newer default DC-AE-V in dcae-v does not silently break the demo
-    pinned = root / "autoencoder"
-    paths = ComponentPaths(dit=root / "transformer", text_encoder=root / "text_encoder", tokenizer=root / "tokenizer",
-                           dcae=pinned if (pinned / "config.json").is_file() else None)
+    pinned = base / "autoencoder"
+    paths = ComponentPaths(dit=root / "transformer", text_encoder=base / "text_encoder", tokenizer=base / "tokenizer",
+                           dcae=pinned if (pinned / "config.json").is_file() else None,
+                           image_encoder=root / "image_encoder" if name == EMBEDDED_I2V else None)
     return paths, json.loads((root / "defaults.json").read_text())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The official generate.py flags (same names and defaults) plus ours."""
-    p.add_argument("--task", default=None, choices=TASKS + (EMBEDDED,) + tuple(NOT_SUPPORTED),
-                   help="official task (default: t2v-14B with --ckpt_dir, the embedded t2v-tiny without)")
+    p.add_argument("--task", default=None, choices=TASKS + EMBEDDED_TASKS + tuple(NOT_SUPPORTED),
+                   help="official task (default: t2v-14B with --ckpt_dir, the embedded t2v-tiny without, i2v-tiny "
+                        "with --image)")
     p.add_argument("--size", default=None,
                    help="W*H, WxH or 480p/720p/1080p (official default 1280*720, t2v-1.3B 832*480; I2V: the maximum "
                         "area; the demo model: 128*128); any size is rounded to the latent grid, with a note")
@@ -177,7 +184,8 @@ def _run(args: argparse.Namespace, log) -> Path | None:
     from dcvg_wan.components import default_autoencoder, folder_is_i2v
 
     # NVIDIA's DC-Gen folders hold one task each: an I2V folder runs I2V without --task
-    task = args.task or (EMBEDDED if embedded else "i2v-14B" if folder_is_i2v(args.ckpt_dir) else "t2v-14B")
+    task = args.task or ((EMBEDDED_I2V if args.image else EMBEDDED) if embedded
+                         else "i2v-14B" if folder_is_i2v(args.ckpt_dir) else "t2v-14B")
     task_from_folder = args.task is None and task == "i2v-14B"
     if args.task is not None and not embedded and args.task in TASKS:
         from dcvg_wan.components import folder_dit_is_i2v
@@ -192,20 +200,22 @@ def _run(args: argparse.Namespace, log) -> Path | None:
     paths = None
     if task in NOT_SUPPORTED:
         raise InputError(f"--task {task}: {NOT_SUPPORTED[task]}; supported: {', '.join(TASKS)}")
-    if task == EMBEDDED and not embedded:
-        raise InputError(f"--task {EMBEDDED} is the embedded demo model and takes no --ckpt_dir; drop --task to run the "
+    if task in EMBEDDED_TASKS and not embedded:
+        raise InputError(f"--task {task} is an embedded demo model and takes no --ckpt_dir; drop --task to run the "
                          "checkpoint (t2v-14B by default) or drop --ckpt_dir to run the demo")
-    if embedded or task == EMBEDDED:
-        if task != EMBEDDED:
-            raise InputError(f"--task {task} needs --ckpt_dir (the embedded demo model is text-to-video only: t2v-tiny)")
+    if embedded:
+        if task not in EMBEDDED_TASKS:
+            raise InputError(f"--task {task} needs --ckpt_dir (without it: the embedded demo models {EMBEDDED}, "
+                             f"text-to-video, and {EMBEDDED_I2V}, image-to-video with --image)")
         if args.ae == "wan-vae":
             raise InputError("the embedded demo model runs on DC-AE-V latents; drop --ae wan-vae or pass --ckpt_dir")
         if args.dcae_ckpt is not None:
             raise InputError("--dcae_ckpt cannot replace the embedded demo model's autoencoder (its DiT understands only "
                              "the latents of the one it was trained on); pass --ckpt_dir too, or drop --dcae_ckpt")
-        paths, defaults = embedded_default()
-        log("no --ckpt_dir: using the embedded demo model t2v-tiny (a toy Wan DiT on DC-AE-V latents trained on "
-            f"synthetic scenes; try --prompt \"{defaults['example_prompt']}\")")
+        paths, defaults = embedded_default(task)
+        log(f"no --ckpt_dir: using the embedded demo model {task} (a toy Wan {'I2V ' if task == EMBEDDED_I2V else ''}"
+            f"DiT on DC-AE-V latents trained on synthetic scenes; try --prompt \"{defaults['example_prompt']}\""
+            + (f" --image {Path(paths.dit).parent / 'example.png'})" if task == EMBEDDED_I2V else ")"))
     t2i = task.startswith("t2i")
     if t2i and args.frame_num not in (None, 1):
         raise InputError(f"--task {task} generates one image: drop --frame_num or pass 1 (got {args.frame_num})")

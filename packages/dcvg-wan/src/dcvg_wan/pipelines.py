@@ -187,9 +187,10 @@ class WanPipeline:
         if ckpt_dir is None and paths is None:
             raise CheckpointError(
                 "from_pretrained needs ckpt_dir (a Wan-2.1 or DC-VideoGen folder) or paths=; the embedded demo "
-                "model runs with `dcvg-wan generate` (no --ckpt_dir), or in Python: paths, defaults = "
-                "dcvg_wan.generate.embedded_default(); T2VPipeline.from_pretrained(None, paths=paths, ae='dcae-v', "
-                "dtype=torch.float32), then pass defaults' size, frame_num, steps and shift to the call")
+                "models run with `dcvg-wan generate` (no --ckpt_dir), or in Python: paths, defaults = "
+                "dcvg_wan.generate.embedded_default() (I2V: embedded_default('i2v-tiny') with I2VPipeline); "
+                "T2VPipeline.from_pretrained(None, paths=paths, ae='dcae-v', dtype=torch.float32), then pass "
+                "defaults' size, frame_num, steps and shift to the call")
         if ae is None:
             ae = ("wan-vae" if paths.vae is not None else "dcae-v") if paths is not None else default_autoencoder(ckpt_dir)
         paths = paths or locate_components(ckpt_dir, i2v=cls.i2v, ae=ae, dcae=dcae_ckpt)
