@@ -197,7 +197,8 @@ def test_sigint_saves_the_current_step_and_resume_equals_an_uninterrupted_run(tm
     uninterrupted run (weights, EMA, optimizer and every metrics row but the timing)."""
     from dcae_v.cli import main
 
-    kw = {"optim": {"max_steps": 5}, "ema": {"decay": 0.9}, "run": {"log_every": 2}}
+    # the subprocess computes with this process's thread count (another one reduces in another order)
+    kw = {"optim": {"max_steps": 5}, "ema": {"decay": 0.9}, "run": {"log_every": 2, "threads": torch.get_num_threads()}}
     (tmp_path / "cfg.json").write_text(json.dumps(tiny_config(tmp_path / "run", media_dir, **kw).to_dict()))
     cmd = ["train", "--config", str(tmp_path / "cfg.json")]
     proc = subprocess.run([sys.executable, "-c", _SIGNAL_SCRIPT, *cmd], check=False, capture_output=True, timeout=120)
