@@ -41,6 +41,18 @@ def _out(model):
         return model(x, torch.tensor([0.2, 0.9]), ctx)
 
 
+def test_load_lora_on_a_model_without_the_new_ends_names_the_fix(tmp_path):
+    """The adapter belongs to the adapted model: on the base model (old embedder shapes) loading is
+    refused with what to call first, and the model is left without a LoRA."""
+    _, model = _adapted()
+    lora_io.save_lora(model, tmp_path)
+    torch.manual_seed(0)
+    base = ExampleDiT(PRESETS["tiny"])
+    with pytest.raises(AdaptError, match="replace_patch_embedder"):
+        lora_io.load_lora(base, tmp_path)
+    assert not lora_io.has_lora(base)
+
+
 def test_no_lora_on_embedder_or_head_even_if_a_target_matches():
     _, model = _adapted()
     assert "x_embedder.proj" not in lora_io.lora_layers(model)  # "proj" is a target

@@ -193,6 +193,10 @@ def test_run_all_runs_every_stage_and_resumes_as_a_no_op(base_dit, pairs, tmp_pa
     t = torch.tensor([0.3, 0.7])
     with torch.no_grad():
         torch.testing.assert_close(again(x, t, ctx), model(x, t, ctx), rtol=0, atol=0)
+    # without data for the resolution stage: said, not silently skipped
+    with pytest.warns(UserWarning, match="resolution stage\\(s\\) debug-up will not run: resolution_data has 0 of the 1"):
+        assert run_all(copy.deepcopy(base_dit), pairs[:8], preset, tmp_path, in_channels=8, out_channels=8,
+                       patch=(1, 1, 1))
 
 
 def test_run_all_checks_the_lora_targets_before_training_anything(base_dit, pairs, tmp_path):

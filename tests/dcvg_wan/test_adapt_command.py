@@ -71,6 +71,13 @@ def test_adapt_end_to_end_and_resume(setup, capsys):
                  str(root / "dcae"), "--dit", str(out / "model"), "--size", "32*32", "--frame_num", "8",
                  "--sample_steps", "2", "--prompt", "a red circle", "--save_file", str(mp4)]) == 0
     assert mp4.is_file()
+    # OUT/model already holds the LoRA: applying OUT's LoRA files to it again is refused, not doubled
+    capsys.readouterr()
+    for lora in (out / "adapter", out / "lora_comfy.safetensors"):
+        assert main(["generate", "--task", "t2v-1.3B", "--ckpt_dir", str(ckpt), "--ae", "dcae-v", "--dcae_ckpt",
+                     str(root / "dcae"), "--dit", str(out / "model"), "--size", "32*32", "--frame_num", "8",
+                     "--sample_steps", "2", "--lora", str(lora), "--save_file", str(root / "twice.mp4")]) == 3
+        assert "is already merged into the DiT" in capsys.readouterr().err
     # running again resumes: every stage is finished, the outputs are rewritten identically
     assert main(argv) == 0
     again = WanModel.from_pretrained(out / "model")

@@ -173,6 +173,7 @@ def load_lora(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     # peft saves inference_mode=True, which would freeze the injected LoRA: keep it trainable as
     # before (a later stage trains it further)
     config.inference_mode = False
+    ends = _saved_ends(model, src)  # checked before anything is injected: a refusal leaves the model as it was
     if not has_lora(model):
         inject_adapter_in_model(config, model)
     result = set_peft_model_state_dict(model, _adapter_weights(src))
@@ -181,10 +182,31 @@ def load_lora(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     missing = [k for k in getattr(result, "missing_keys", ()) if ".lora_A." in k or ".lora_B." in k]
     if missing:
         raise AdaptError(f"{src / ADAPTER_WEIGHTS} lacks LoRA weights of the model, e.g. {missing[:5]}")
-    for name, getter in (("embedder", "get_patch_embedder"), ("head", "get_output_head")):
-        if (src / f"{name}.safetensors").is_file() and callable(getattr(model, getter, None)):
-            getattr(model, getter)().load_state_dict(load_file(str(src / f"{name}.safetensors")))
+    for module, state in ends:
+        module.load_state_dict(state)
     return model
+
+
+def _saved_ends(model: nn.Module, src: Path) -> list[tuple[nn.Module, dict]]:
+    """(the model's embedder/head, the adapter's saved weights for it), refusing shapes that differ:
+    the LoRA was trained on the new ends, so the model must have them first."""
+    out = []
+    for name, getter in (("embedder", "get_patch_embedder"), ("head", "get_output_head")):
+        if not ((src / f"{name}.safetensors").is_file() and callable(getattr(model, getter, None))):
+            continue
+        module, state = getattr(model, getter)(), load_file(str(src / f"{name}.safetensors"))
+        have = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        saved = {k: tuple(v.shape) for k, v in state.items()}
+        if have != saved:
+            diff = next(k for k in sorted(set(have) | set(saved)) if have.get(k) != saved.get(k))
+            raise AdaptError(
+                f"{src / f'{name}.safetensors'} is the {name} of the adapted model ({diff}: {saved.get(diff)}), the "
+                f"model's {name} has {have.get(diff)}: give the model its new ends first "
+                "(model.replace_patch_embedder(in_channels, patch) and replace_output_head(out_channels, patch), or "
+                "ae_adapt.stages.restore_new_ends), then load the LoRA"
+            )
+        out.append((module, state))
+    return out
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -572,7 +572,8 @@ def run_all(
     entry, possibly fewer), each in its own sub-directory. A finished stage is restored from its
     files, an unfinished one resumes from its checkpoint. Under torchrun (world size > 1) a model
     can be sharded once per process, so this trains one stage and returns: launch the same
-    command again for the next. Returns True when every stage has finished. `null_cond` is the
+    command again for the next. Returns True when every stage it was given data for has finished
+    (resolution stages without data are skipped with a warning). `null_cond` is the
     conditioning a sample is trained on with probability `preset.cond_dropout` (e.g.
     `{"context": negative-prompt embedding}`; `LatentCache.null_cond()`)."""
     from ae_adapt import lora_io
@@ -599,6 +600,14 @@ def run_all(
         (name, out / f"4-{name}", preset.resolution_config(steps), res_data)
         for (name, steps), res_data in zip(preset.resolution, resolution_data)
     ]
+    skipped = [name for name, _ in preset.resolution[len(resolution_data) :]]
+    if skipped:  # said once, before hours of training, not discovered afterwards
+        warnings.warn(
+            f"the preset's resolution stage(s) {', '.join(skipped)} will not run: resolution_data has "
+            f"{len(resolution_data)} of the {len(preset.resolution)} datasets they need (one per stage, in order); "
+            "the result is the LoRA stage's",
+            stacklevel=2,
+        )
     order = [d1, d2] + [run_dir for _, run_dir, _, _ in stages]
     embedder_fp = embedder_fingerprint(in_channels, patch, preset.embedder_align, fingerprint)
     if _finished(d1, "align_embedder", preset.embedder, embedder_fp, [EMBEDDER_FILE], order):

@@ -32,6 +32,7 @@ from ae_adapt import LatentCache, check_adaptable, get_preset, lora_io, run_all
 from ae_adapt.errors import CacheError, ShapeError
 from ae_adapt.flow import velocity_target
 from ae_adapt.trainer import world
+from dcvg_wan.lora import record_merged_loras
 from dcvg_wan.model import Head, WanModel
 
 # Linear layers LoRA adapts by default (every attention projection and the FFN of each block).
@@ -211,7 +212,10 @@ def run_adapt(
 ) -> WanModel | None:
     """All AE-Adapt-V stages for Wan on a latent cache (built with `ae_adapt.build_cache`), then
     `out_dir/model` (merged weights, `WanModel.from_pretrained`-loadable), `out_dir/adapter` (peft)
-    and `out_dir/lora_comfy.safetensors` (ComfyUI keys, applies on top of the aligned model).
+    and `out_dir/lora_comfy.safetensors` (ComfyUI keys). The LoRA files are the deltas of the
+    adapted model: `out_dir/model` already holds them (its merged_loras.json says so, and
+    `generate --lora` refuses them there); they apply to the aligned model without LoRA, i.e.
+    the base DiT with the new embedder/head of `out_dir/adapter` (`ae_adapt.lora_io.load_lora`).
     Under torchrun each launch trains one stage and returns None; the launch that finds every
     stage finished writes the outputs and returns the adapted model.
 
@@ -253,4 +257,6 @@ def run_adapt(
         lora_io.save_export(wrapped, out / "lora_comfy.safetensors", "comfy", strip_prefix="dit.")
         lora_io.merge_lora(wrapped)
         dit.save_pretrained(out / "model")
+        # the LoRA files are already in OUT/model: `generate --dit OUT/model --lora ...` refuses them
+        record_merged_loras(out / "model", [out / "adapter", out / "lora_comfy.safetensors"])
     return dit

@@ -421,7 +421,7 @@ def _check_loras_fit(loras, args: argparse.Namespace, paths, i2v: bool, ae: str)
     a LoRA for another model is refused before a (14B) checkpoint loads."""
     from dcvg_wan.checkpoint import read_wan_config
     from dcvg_wan.components import locate_components
-    from dcvg_wan.lora import check_lora
+    from dcvg_wan.lora import check_lora, check_not_merged
     from dcvg_wan.model import WanModel
 
     if paths is None:
@@ -430,6 +430,7 @@ def _check_loras_fit(loras, args: argparse.Namespace, paths, i2v: bool, ae: str)
     with torch.device("meta"):
         skeleton = WanModel(read_wan_config(paths.dit))
     for path, state in loras:
+        check_not_merged(paths.dit, path)
         check_lora(skeleton, state, path)
 
 

@@ -17,9 +17,11 @@ diffusers paths (`blocks.0.attn1.to_q`, via `layouts.diffusers`) and kohya's fla
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,17 +58,59 @@ class LoraReport:
         return f"LoRA {self.path or '(a state dict)'} (strength {self.strength:g}): {len(self.layers)} layers{extra}"
 
 
-def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A .safetensors LoRA file, or a folder holding diffusers'/peft's weights file."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
+def lora_weights_file(path: str | os.PathLike) -> Path:
+    """The weights file of a LoRA given as a file or as diffusers'/peft's folder."""
     p = Path(path)
     if p.is_dir():
         found = [p / name for name in DIFFUSERS_FILES if (p / name).is_file()]
         if not found:
             raise InputError(f"--lora {p}: a folder must hold one of {', '.join(DIFFUSERS_FILES)}")
         p = found[0]
+    return p
+
+
+# `dcvg-wan adapt` writes its merged DiT with the digests of the LoRA files it also writes, so that
+# `generate --dit OUT/model --lora OUT/adapter` is refused instead of applying the LoRA twice
+MERGED_RECORD = "merged_loras.json"
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_merged_loras(dit_dir: str | os.PathLike, loras: Iterable[str | os.PathLike]) -> None:
+    """Note in `dit_dir` that its weights already hold these LoRAs (by content digest)."""
+    files = [lora_weights_file(p) for p in loras]
+    record = {"note": "these LoRAs are merged into this DiT's weights; do not apply them again",
+              "sha256": {str(f): file_digest(f) for f in files}}
+    (Path(dit_dir) / MERGED_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def check_not_merged(dit_path: str | os.PathLike, lora_path: str | os.PathLike) -> None:
+    """Refuse a LoRA whose file is recorded as already merged into the DiT at `dit_path`."""
+    record_file = Path(dit_path) / MERGED_RECORD
+    if not record_file.is_file():
+        return
+    try:
+        merged = json.loads(record_file.read_text()).get("sha256", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return
+    if file_digest(lora_weights_file(lora_path)) in set(merged.values()):
+        raise InputError(f"--lora {lora_path} is already merged into the DiT {dit_path} (its {MERGED_RECORD} records "
+                         "it: dcvg-wan adapt writes the merged model and the LoRA); drop --lora, or apply it to the "
+                         "model without it")
+
+
+def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A .safetensors LoRA file, or a folder holding diffusers'/peft's weights file."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    p = lora_weights_file(path)
     if not p.is_file():
         raise InputError(f"--lora {p}: no such file")
     if p.suffix != ".safetensors":
