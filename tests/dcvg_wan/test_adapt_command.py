@@ -96,6 +96,32 @@ def test_data_without_prompts_is_refused(tmp_path):
         list_videos(tmp_path / "empty")
 
 
+def test_data_folders_are_searched_recursively_and_bad_videos_are_skipped_with_a_warning(tmp_path):
+    """One unreadable and one too-short video among good ones: named and skipped, not the end of
+    hours of encoding; the good one in a subfolder is found; only bad ones is an error."""
+    from dcvg_wan.adapt_command import iter_clips
+
+    data = tmp_path / "videos"
+    (data / "part1").mkdir(parents=True)
+    frames = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 3), dtype=np.uint8)
+    write_video(data / "part1" / "good.mp4", frames, 16)
+    write_video(data / "short.mp4", frames[:4], 16)
+    (data / "broken.mp4").write_bytes(b"not a video")
+    for name in ("part1/good", "short", "broken"):
+        (data / f"{name}.txt").write_text("a red circle")
+    assert [p.name for p, _ in list_videos(data)] == ["broken.mp4", "good.mp4", "short.mp4"]
+    with pytest.warns(UserWarning) as caught:
+        clips = list(iter_clips(data, frames=8, width=32, height=32))
+    assert [c["name"] for c in clips] == ["good.mp4"] and clips[0]["video"].shape == (3, 8, 32, 32)
+    said = " ".join(str(w.message) for w in caught)
+    assert "cannot read" in said and "broken.mp4" in said and "short.mp4 has 4 frames" in said
+    assert "2 of 3 videos skipped" in said
+    (data / "part1" / "good.mp4").unlink()
+    (data / "part1" / "good.txt").unlink()
+    with pytest.raises(InputError, match="no usable video"), pytest.warns(UserWarning):
+        list(iter_clips(data, frames=8, width=32, height=32))
+
+
 def test_jsonl_list_and_overrides(tmp_path):
     (tmp_path / "list.jsonl").write_text('{"video": "x.mp4", "prompt": "a cat"}\n\n')
     assert list_videos(tmp_path / "list.jsonl") == [(tmp_path / "x.mp4", "a cat")]

@@ -13,8 +13,9 @@
    encoders are beside it, or `WanModel.from_pretrained`), `OUT/adapter` (peft) and
    `OUT/lora_comfy.safetensors`.
 
-Data: a folder of videos, each with a `<name>.txt` prompt beside it, or a `.jsonl` file of
-{"video": path, "prompt": text} lines.
+Data: a folder of videos (subfolders included), each with a `<name>.txt` prompt beside it, or a
+`.jsonl` file of {"video": path, "prompt": text} lines. Videos that cannot be read or are shorter
+than --frame_num are skipped with a warning naming each; empty prompt files are warned about.
 
 Reruns into the same --out resume or restore only what was made with the same settings: the cache
 records its inputs (--size, --frame_num, --task, a digest of the data list: each video's name,
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,19 +78,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def iter_clips(data: str | os.PathLike, *, frames: int, width: int, height: int) -> Iterator[dict]:
-    """{"video": [3, frames, height, width] in [-1, 1], "prompt": str, "name": str} per listed video."""
+    """{"video": [3, frames, height, width] in [-1, 1], "prompt": str, "name": str} per listed video.
+
+    A video that cannot be read or is shorter than `frames` is skipped with a warning naming it
+    (as `dcae-v train` skips bad files), so one bad file does not end hours of encoding; when
+    none is usable, an InputError says why for the first few."""
     from dcae_v.errors import DCAEVError
     from dcae_v.io import read_video, to_model_range
 
+    skipped: list[str] = []
+    used = 0
     for path, prompt in list_videos(data):
         try:
             video = read_video(path, max_frames=frames)
         except DCAEVError as err:
-            raise InputError(f"cannot read {path}: {err}") from err
-        if video.frames.shape[0] < frames:
-            raise InputError(f"{path} has {video.frames.shape[0]} frames, fewer than --frame_num {frames}")
-        x = to_model_range(video.frames)[0]  # [3, T, H, W]
-        yield {"video": resize_crop(x, height, width), "prompt": prompt, "name": Path(path).name}
+            skipped.append(f"cannot read {path}: {err}")
+        else:
+            if video.frames.shape[0] < frames:
+                skipped.append(f"{path} has {video.frames.shape[0]} frames, fewer than --frame_num {frames}")
+            else:
+                used += 1
+                x = to_model_range(video.frames)[0]  # [3, T, H, W]
+                yield {"video": resize_crop(x, height, width), "prompt": prompt, "name": Path(path).name}
+                continue
+        warnings.warn(f"skipping a video: {skipped[-1]}", stacklevel=2)
+    if not used:
+        raise InputError("no usable video in --data: " + "; ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+    if skipped:
+        warnings.warn(f"{len(skipped)} of {used + len(skipped)} videos skipped (named above)", stacklevel=2)
 
 
 def list_videos(data: str | os.PathLike) -> list[tuple[Path, str]]:
@@ -105,13 +122,19 @@ def list_videos(data: str | os.PathLike) -> list[tuple[Path, str]]:
         return items
     if not data.is_dir():
         raise InputError(f"--data {data} is neither a folder of videos nor a .jsonl list")
-    videos = sorted(p for p in data.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    videos = sorted(p for p in data.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(data).parts))
     if not videos:
-        raise InputError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) in {data}")
-    missing = [v.name for v in videos if not v.with_suffix(".txt").is_file()]
+        raise InputError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) in {data} or its subfolders")
+    missing = [str(v.relative_to(data)) for v in videos if not v.with_suffix(".txt").is_file()]
     if missing:
         raise InputError(f"these videos have no <name>.txt prompt beside them: {', '.join(missing[:10])}")
-    return [(v, v.with_suffix(".txt").read_text().strip()) for v in videos]
+    items = [(v, v.with_suffix(".txt").read_text().strip()) for v in videos]
+    empty = [str(v.relative_to(data)) for v, prompt in items if not prompt]
+    if empty:  # trained as the empty prompt: allowed, but rarely meant
+        warnings.warn(f"{len(empty)} prompt file(s) are empty (trained with the empty prompt): {', '.join(empty[:5])}",
+                      stacklevel=2)
+    return items
 
 
 def resize_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
