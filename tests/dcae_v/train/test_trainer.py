@@ -292,6 +292,12 @@ def test_ema_exports_and_logs(tmp_path, media_dir):
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,rec")
     assert "optim:" in (tmp_path / "config.txt").read_text()
+    # the run's config.json is what `dcae-v train --config` reads back: the same config
+    from dcae_v.train.config import load_config
+
+    again = json.loads(json.dumps(load_config(tmp_path / "config.json").to_dict()))  # tuples as JSON lists
+    assert again == json.loads((tmp_path / "config.json").read_text())
+    assert (again["optim"]["max_steps"], again["ema"]["decay"], again["run"]["out_dir"]) == (2, 0.5, str(tmp_path))
 
 
 def _final(tmp_path, media_dir, name, **kw):

@@ -693,6 +693,8 @@ def _finished(
         )
     bad = [f for f in files if not _readable(run_dir / f)]
     if not bad:
+        if cfg.progress and world()[0] == 0:
+            print(f"{stage}: finished earlier with the same settings, restored from {run_dir}", flush=True)
         return True
     if (run_dir / CHECKPOINT).is_file():
         warnings.warn(

@@ -434,6 +434,8 @@ class Trainer:
                 self.mark_done()
             self._apply_ema()
             return result
+        if self.cfg.progress and self.rank == 0 and self.step > 0:
+            print(f"{self.stage}: resuming from its checkpoint at step {self.step} of {self.cfg.steps}", flush=True)
         bar = _progress(self.cfg.progress and self.rank == 0, self.step, self.cfg.steps, self.stage)
         t0 = time.time()
         while self.step < end:
@@ -621,7 +623,7 @@ def _progress(enabled: bool, start: int, total: int, desc: str):
         from tqdm.auto import tqdm
     except ImportError:  # tqdm comes with peft; without it, no bar
         return None
-    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)  # left on screen with its last loss
 
 
 def read_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

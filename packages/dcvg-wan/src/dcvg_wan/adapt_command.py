@@ -108,6 +108,13 @@ def iter_clips(data: str | os.PathLike, *, frames: int, width: int, height: int)
         warnings.warn(f"{len(skipped)} of {used + len(skipped)} videos skipped (named above)", stacklevel=2)
 
 
+def _with_progress(items: Iterator[dict], *, total: int, desc: str) -> Iterator[dict]:
+    """The cache build (hours on a real dataset) with a progress bar."""
+    from tqdm.auto import tqdm
+
+    yield from tqdm(items, total=total, desc=desc, dynamic_ncols=True)
+
+
 def list_videos(data: str | os.PathLike) -> list[tuple[Path, str]]:
     data = Path(data)
     if data.is_file() and data.suffix == ".jsonl":
@@ -296,7 +303,8 @@ def run(args: argparse.Namespace, log=print):
                     "clip_fea": image_encoder.encode(first)[0]}
 
         build_cache(
-            iter_clips(args.data, frames=args.frame_num, width=width, height=height),
+            _with_progress(iter_clips(args.data, frames=args.frame_num, width=width, height=height),
+                           total=len(list_videos(args.data)), desc="caching latents"),
             cache_dir,
             base_encode=lambda v: base.encode(to(v))[0],
             new_encode=lambda v: new.encode(to(v[:, : args.frame_num - 1]))[0],

@@ -16,6 +16,7 @@ run.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -510,6 +511,8 @@ class Trainer:
             # before its first checkpoint) every old row goes
             truncate_metrics(self.out, self.step)
             (self.out / "config.txt").write_text(str(cfg) + "\n")
+            # the same config as a file `dcae-v train --config` reads back (config.txt is for reading)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if resumed and self.window and self.d.main:
             log.info("resume: the first metrics row also averages the %d step(s) before the checkpoint", len(self.window))
         logger = MetricsLogger(self.out, ["loss", "rec", "perceptual", "adv", "gan_weight", "d_loss", "lr", "grad_norm",
