@@ -219,6 +219,31 @@ def test_sigint_saves_the_current_step_and_resume_equals_an_uninterrupted_run(tm
         assert {k: v for k, v in ra.items() if k != "sec_per_step"} == {k: v for k, v in rb.items() if k != "sec_per_step"}
 
 
+def test_resume_from_a_chosen_checkpoint_sets_newer_ones_aside(tmp_path, media_dir):
+    """`--resume step_2.pt` in a run that reached step 4 (diffusers' --resume_from_checkpoint PATH):
+    the newer checkpoints are kept as *.superseded, the run continues from step 2 and ends equal
+    to the uninterrupted run; a file that is not a checkpoint is refused (exit 4)."""
+    from dcae_v.cli import main
+
+    kw = {"optim": {"max_steps": 4}, "ema": {"decay": 0.9}, "checkpoint": {"every": 1, "keep_last": 10},
+          "run": {"threads": torch.get_num_threads()}}
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny_config(tmp_path / "run", media_dir, **kw).to_dict()))
+    cmd = ["train", "--config", str(tmp_path / "cfg.json")]
+    assert main(cmd) == 0
+    first = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004.pt", weights_only=True)
+    chosen = tmp_path / "run" / "checkpoints" / "step_00000002.pt"
+    assert main([*cmd, "--resume", str(chosen)]) == 0
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step_00000001.pt", "step_00000002.pt", "step_00000003.pt", "step_00000003.pt.superseded",
+                     "step_00000004.pt", "step_00000004.pt.superseded"]
+    again = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004.pt", weights_only=True)
+    for key in ("model", "optimizer", "ema", "step"):
+        _assert_states_equal(first[key], again[key], key)
+    assert [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    (tmp_path / "other.pt").write_bytes(b"not a checkpoint")
+    assert main([*cmd, "--resume", str(tmp_path / "other.pt")]) == 4
+
+
 def test_unreadable_newest_checkpoint_falls_back(tmp_path, media_dir, caplog):
     train(tiny_config(tmp_path, media_dir, optim={"max_steps": 1}))
     (tmp_path / "checkpoints" / "step_00000009.pt").write_bytes(b"damaged")

@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON (or YAML with PyYAML) file with sections model, data, optim, loss, gan, ema, "
                    "checkpoint, run")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. optim.lr=1e-4 data.frames=16")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir "
-                   "(Ctrl-C or SIGTERM saves one at the current step, then exits 130 / 143)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="latest|CHECKPOINT",
+                   help="continue from the newest checkpoint in run.out_dir (`--resume` or `--resume latest`), or "
+                   "from a given step_N.pt (newer checkpoints of the folder are set aside as step_N.pt.superseded); "
+                   "Ctrl-C or SIGTERM saves one at the current step, then exits 130 / 143")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON (usable as --config) and exit, without validating it")
 

@@ -61,6 +61,25 @@ def save_state(directory: Path, step: int, state: dict[str, Any], keep_last: int
     return target
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step in a step_N.pt name (-1 for another name)."""
+    m = _NAME.match(path.name)
+    return int(m[1]) if m else -1
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], Path]:
+    """(state, path) of one chosen checkpoint (`dcae-v train --resume step_N.pt`)."""
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- truncated or foreign file: torch raises many types
+        raise CheckpointError(f"--resume {path}: cannot load it ({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not {"step", "model", "config"} <= set(state):
+        raise CheckpointError(f"--resume {path}: not a `dcae-v train` checkpoint (a step_N.pt of run.out_dir/checkpoints)")
+    return state, path
+
+
 def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
     """(state, path) of the newest readable checkpoint, or None when there is none."""
     for path in reversed(list_checkpoints(directory)):

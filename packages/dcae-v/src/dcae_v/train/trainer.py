@@ -37,7 +37,14 @@ from torch.utils.checkpoint import checkpoint
 from dcae_v.errors import DCAEVError
 from dcae_v.model import DCAEV
 from dcae_v.train import losses
-from dcae_v.train.checkpoints import load_latest, remove_stale_temps, save_state
+from dcae_v.train.checkpoints import (
+    checkpoint_step,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    remove_stale_temps,
+    save_state,
+)
 from dcae_v.train.config import ConfigError, TrainConfig, validate
 from dcae_v.train.data import Batch, ClipDataset
 from dcae_v.train.discriminator import VideoDiscriminator
@@ -455,12 +462,24 @@ class Trainer:
         self.d.barrier()
         return path
 
-    def resume(self) -> bool:
-        found = load_latest(self.ckpt_dir)
-        if found is None:
-            log.warning("resume: no checkpoint in %s; starting from step 0", self.ckpt_dir)
-            return False
+    def resume(self, checkpoint: str | os.PathLike | None = None) -> bool:
+        """Load the newest checkpoint of the run, or `checkpoint` (a step_N.pt). Checkpoints of the
+        run newer than the one resumed are renamed `*.superseded` (kept, no longer "newest"): the
+        run continues from the chosen step and writes its own."""
+        if checkpoint is None:
+            found = load_latest(self.ckpt_dir)
+            if found is None:
+                log.warning("resume: no checkpoint in %s; starting from step 0", self.ckpt_dir)
+                return False
+        else:
+            found = load_checkpoint(Path(checkpoint))
         state, path = found
+        if checkpoint is not None and self.d.main:
+            newer = [p for p in list_checkpoints(self.ckpt_dir) if checkpoint_step(p) > int(state["step"])]
+            for p in newer:
+                p.rename(p.with_name(p.name + ".superseded"))
+            if newer:
+                log.warning("resume from %s: set aside the newer %s", path, ", ".join(p.name + ".superseded" for p in newer))
         self.load_state_dict(state)
         log.info("resumed from %s at step %d", path, self.step)
         changes = config_changes(state["config"], self.cfg.to_dict())
@@ -501,9 +520,13 @@ class Trainer:
         return factor
 
     # ---- loop ----------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool | str | os.PathLike = False) -> TrainResult:
+        """resume: False, True / "latest" (the newest checkpoint of the run) or a checkpoint path."""
         cfg = self.cfg
-        resumed = resume and self.resume()
+        chosen = None if resume in (True, "latest") else resume
+        if self.d.world > 1 and chosen:
+            self.d.barrier()  # rank 0 renames the newer checkpoints while the others wait
+        resumed = bool(resume) and self.resume(chosen or None)
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.ckpt_dir, self.out / "export", self.out / "export" / "ema")
@@ -639,8 +662,9 @@ def _progress(cfg: TrainConfig, d: Dist, initial: int):
     return tqdm(total=cfg.optim.max_steps, initial=initial, desc="dcae-v train", dynamic_ncols=True)
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
-    """Train (or with resume=True continue) a DC-AE-V as `cfg` says; returns the history and files.
+def train(cfg: TrainConfig, resume: bool | str | os.PathLike = False) -> TrainResult:
+    """Train (or with resume=True / "latest" / a step_N.pt path continue) a DC-AE-V as `cfg` says;
+    returns the history and files.
     Under torchrun, the process group this call creates is closed at the end, all ranks together
     (gloo can abort a process that exits while a peer still holds the connections)."""
     owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
