@@ -224,6 +224,11 @@ def cmd_train(args) -> int:
     import logging
     import os
 
+    if args.resume not in (None, "latest") and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume optim.max_steps=9`: argparse gave --resume the override that followed it
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
+
     from dcae_v.io import check_output_dir, write_reason
     from dcae_v.train import (
         TrainingDiverged,
