@@ -371,7 +371,7 @@ def test_init_from_pretrained_weights(tmp_path, media_dir):
     trainer = Trainer(tiny_config(tmp_path / "run", media_dir, model={"init": str(tmp_path / "start")}))
     for k, v in start.state_dict().items():
         assert torch.equal(trainer.ae.state_dict()[k], v) and torch.equal(trainer.ema[k], v)
-    with pytest.raises(ConfigError, match="model.init .* is a f32t4c8 .* the config asks for f32t4c64"):
+    with pytest.raises(ConfigError, match=r"model.init .* has widths \(16, 16, 16, 32, 32, 64, 64\) .* asks for f32t4c64 .*; set model.preset=debug"):
         Trainer(tiny_config(tmp_path / "run", media_dir, model={"init": str(tmp_path / "start"), "preset": "tiny-f32t4c64"}))
 
 

@@ -50,8 +50,7 @@ class PerceptualLoss(nn.Module):
             self.lpips, self.kind = None, "ssim_substitute"
             msg = ("loss.lpips > 0 but no LPIPS weights (loss.lpips_backbone, loss.lpips_heads) were given: using the "
                    "substitute 1 - SSIM per frame instead; its values are not LPIPS values")
-            warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
+            warnings.warn(msg, stacklevel=2)  # the CLI prints warnings on one line; once is enough
 
     def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         n, t = x.shape[0], x.shape[2]

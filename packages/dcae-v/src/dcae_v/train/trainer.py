@@ -215,8 +215,13 @@ class Trainer:
             ae = load_dcaev(cfg.model.init, temporal=arch.temporal, chunk_size=arch.chunk_size).float()
             got, want = (ae.config.latent_channels, ae.config.widths, ae.config.depths), (arch.latent_channels, arch.widths, arch.depths)
             if got != want:
-                raise ConfigError(f"model.init {cfg.model.init} is a {ae.config.name} with widths {ae.config.widths}, "
-                                  f"the config asks for {arch.name} with widths {arch.widths}; set model.preset to match")
+                from dcae_v.config import PRESETS
+
+                fits = [n for n, c in PRESETS.items() if (c.latent_channels, c.widths, c.depths) == got]
+                hint = f"set model.preset={fits[0]}" if fits else "set model.preset (and widths) to its architecture"
+                raise ConfigError(f"model.init {cfg.model.init} has widths {ae.config.widths} and "
+                                  f"{ae.config.latent_channels} latent channels, the config asks for {arch.name} with "
+                                  f"widths {arch.widths}; {hint}")
         else:
             ae = DCAEV(arch)
         self.ae = ae.to(self.device).train()
