@@ -96,3 +96,15 @@ def test_a_prompt_with_no_known_word_says_it_runs_unconditioned(tokenizer, typed
 def test_reversed_directions_are_named(tokenizer):
     note = demo_prompt("a red ball drifts from the left", tokenizer).note()
     assert "read 'from the left' (where it starts) as moving right" in note
+
+
+@pytest.mark.parametrize(("typed", "scene"), [
+    ("a green cube that moves from right to left on a dark blue background", ("green", "square", "left", "navy")),
+    ("a light blue disc drifting up on a dark grey backdrop", ("cyan", "circle", "up", "gray")),
+    ("a crimson ball rolling to the right across a dark background", ("red", "circle", "right", "black")),
+])
+def test_two_word_colours_and_a_dark_background_are_read(tokenizer, typed, scene):
+    """"dark blue" is the demo's navy, "light blue" its cyan, and a "dark" background its black."""
+    read = demo_prompt(typed, tokenizer)
+    assert read.text == captioned.caption(*scene)
+    assert any(word.startswith(("dark", "light")) for word, _ in read.substituted)

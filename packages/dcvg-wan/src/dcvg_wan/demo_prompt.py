@@ -41,6 +41,13 @@ SYNONYMS = {
     # scene
     "backdrop": "background", "backgound": "background", "bg": "background", "canvas": "background",
 }
+# two-word colours, read as one caption word
+PHRASES = {
+    ("dark", "blue"): "navy", ("navy", "blue"): "navy", ("midnight", "blue"): "navy",
+    ("dark", "gray"): "gray", ("dark", "grey"): "gray", ("light", "gray"): "gray", ("light", "grey"): "gray",
+    ("light", "blue"): "cyan", ("sky", "blue"): "cyan",
+}
+_BACKGROUND_WORDS = ("background", "backdrop", "bg", "canvas")
 _ORIGINS = {"left": "right", "right": "left", "up": "down", "down": "up"}  # "from the left": moving right
 # Grammar words that carry nothing the demo could draw: read (for "from"), never reported as dropped.
 FILLERS = frozenset(("the", "an", "to", "toward", "towards", "from", "of", "and", "is", "are", "it", "its",
@@ -160,6 +167,24 @@ def canonical_caption(words: list[str], typed: list[str] | None = None) -> _Read
     return _Reading(text, unused, [found[3]] if found and found[3] else [])
 
 
+def _phrases(typed: list[str]) -> list[tuple[str, str | None]]:
+    """(word or two-word phrase, the caption word it stands for or None): "dark blue" -> navy, and
+    "dark" right before a background word -> black."""
+    out, i = [], 0
+    while i < len(typed):
+        pair = tuple(typed[i : i + 2])
+        if pair in PHRASES:
+            out.append((" ".join(pair), PHRASES[pair]))
+            i += 2
+            continue
+        if typed[i] == "dark" and typed[i + 1 : i + 2] and typed[i + 1] in _BACKGROUND_WORDS:
+            out.append(("dark", "black"))
+        else:
+            out.append((typed[i], None))
+        i += 1
+    return out
+
+
 def demo_prompt(prompt: str, tokenizer_dir: Path) -> DemoPrompt:
     """The prompt in the demo model's words and caption order (see the module docstring)."""
     from tokenizers import Tokenizer
@@ -168,9 +193,12 @@ def demo_prompt(prompt: str, tokenizer_dir: Path) -> DemoPrompt:
     vocab = {w for w in tokenizer.get_vocab() if not w.startswith("<")}
     kept, substituted, dropped, origins = [], [], [], []  # origins: the user's word behind each kept one
     typed = re.findall(r"[a-z0-9]+", prompt.lower())
-    for word in typed:
+    for word, meant in _phrases(typed):
         singular = word[:-1] if word.endswith("s") else None  # "circles", "squares"
-        if word in vocab or word in FILLERS:
+        if meant is not None and meant in vocab:
+            kept.append(meant)
+            substituted.append((word, meant))
+        elif word in vocab or word in FILLERS:
             kept.append(word)
         elif SYNONYMS.get(word) in vocab or (singular in vocab and singular in SHAPES):
             kept.append(SYNONYMS.get(word) or singular)
