@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -80,6 +81,28 @@ def test_dcae_v_wheel_ships_demo_clip_and_default_checkpoint(tmp_path):
                    "dcae_v/assets/dcae-v-tiny-default/config.json", "dcae_v/cli.py"):
         assert needed in names
     assert wheel.stat().st_size < 25 * 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dcae-v", "dcvg-wan"])  # the packages with data files
+def test_a_wheel_built_from_the_sdist_has_the_files_of_the_direct_wheel(tmp_path, name):
+    """pip install of the sdist (PyPI's fallback, `python -m build`) must not lose the git-ignored
+    assets (the demo clip, *.mp4) that the direct wheel ships."""
+    hatch = _script("hatch")
+    direct, via = tmp_path / "direct", tmp_path / "via"
+    for target, out_dir in (("wheel", direct), ("sdist", tmp_path / "sdist")):
+        out = subprocess.run([hatch, "build", "-t", target, str(out_dir)], cwd=ROOT / "packages" / name,
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr
+    with tarfile.open(next((tmp_path / "sdist").glob("*.tar.gz"))) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    out = subprocess.run([hatch, "build", "-t", "wheel", str(via)], cwd=unpacked, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    names = [sorted(zipfile.ZipFile(next(d.glob("*.whl"))).namelist()) for d in (direct, via)]
+    assert names[0] == names[1]
+    assert any(n.endswith(("demo.mp4", "example.png")) for n in names[1])
 
 
 @pytest.mark.slow

@@ -62,6 +62,8 @@ def test_generate_unreadable_image(tmp_path, capsys):
 
     with pytest.raises(InputError, match="cannot read --image"):
         read_image(bad)
+    with pytest.raises(InputError, match="--image .*missing.png: no such file"):
+        read_image(tmp_path / "missing.png")
 
 
 def test_generate_with_the_embedded_model(tmp_path, capsys):

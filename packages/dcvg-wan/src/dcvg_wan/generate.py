@@ -462,6 +462,8 @@ def read_image(path: str | os.PathLike, flag: str = "--image") -> torch.Tensor:
     from dcae_v.errors import DCAEVError
     from dcae_v.io import read_video, to_model_range
 
+    if not Path(path).is_file():
+        raise InputError(f"{flag} {path}: no such file" + (" (a folder)" if Path(path).is_dir() else ""))
     try:
         frames = read_video(path, max_frames=1).frames
     except DCAEVError as err:
