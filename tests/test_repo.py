@@ -39,6 +39,10 @@ def test_package_layout_and_single_version_source(name):
     about = ROOT / "packages" / name / proj["tool"]["hatch"]["version"]["path"]
     assert about == ROOT / "packages" / name / "src" / module / "__about__.py"
     assert (ROOT / "packages" / name / "README.md").is_file()
+    # the declared license ships with each package (hatchling puts it in the wheel's dist-info)
+    assert proj["project"]["license"] == "Apache-2.0"
+    assert (ROOT / "packages" / name / "LICENSE").read_text() == (ROOT / "LICENSE").read_text()
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
     version = re.search(r'__version__ = "([^"]+)"', about.read_text())[1]
     assert __import__(module).__version__ == version
 
