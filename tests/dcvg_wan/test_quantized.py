@@ -174,3 +174,9 @@ def test_scaled_fp8_umt5_file_loads(tmp_path):
     got = loaded.state_dict()
     for k, v in expected.items():
         assert torch.equal(got[k], v), k
+
+
+def test_gguf_files_are_refused_with_the_alternative(tmp_path):
+    (tmp_path / "wan2.1-t2v-14b-Q4_K_M.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match="GGUF files .* are not read here; use the .safetensors file"):
+        WanModel.from_pretrained(tmp_path / "wan2.1-t2v-14b-Q4_K_M.gguf")

@@ -111,6 +111,9 @@ def _locate(path: Path) -> tuple[list[Path], dict[str, Any] | None]:
         return [path], fields
     if path.suffix in _TORCH_SUFFIXES:
         return [path], None
+    if path.suffix == ".gguf":
+        raise CheckpointError(f"{path}: GGUF files (llama.cpp-style quantization, e.g. city96's Wan GGUFs) are not read "
+                              "here; use the .safetensors file of the same model (bf16, fp16 or ComfyUI's fp8)")
     raise CheckpointError(
         f"{path}: unknown checkpoint type {path.suffix!r}; expected a directory ({CONFIG_NAME} + {WEIGHTS_NAME} "
         f"or {INDEX_NAME} with shards), a .safetensors file or an official .pth file"
