@@ -254,7 +254,7 @@ def test_cli_flf2v_reads_both_frames_before_loading_and_explains_errors(tmp_path
     cases = [
         ([], "needs --first_frame PATH and --last_frame PATH"),
         (["--first_frame", str(good)], "needs --first_frame PATH and --last_frame PATH"),
-        (["--first_frame", str(good), "--last_frame", str(tmp_path / "missing.png")], "cannot read --last_frame"),
+        (["--first_frame", str(good), "--last_frame", str(tmp_path / "missing.png")], "missing.png: no such file"),
         (["--first_frame", str(bad), "--last_frame", str(good)], "cannot read --first_frame"),
         (["--first_frame", str(good), "--last_frame", str(good), "--image", str(good)], "--image is for i2v-14B"),
         (["--first_frame", str(good), "--last_frame", str(good), "--frame_num", "4"], "at least 5 frames"),
