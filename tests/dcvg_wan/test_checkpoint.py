@@ -183,9 +183,9 @@ def test_unknown_layout_unknown_preset_and_unreadable_files(tmp_path, model):
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read .*broken.safetensors as safetensors"):
         WanModel.from_pretrained(tmp_path / "broken.safetensors")
-    (tmp_path / "model.gguf").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="unknown checkpoint type '.gguf'"):
-        WanModel.from_pretrained(tmp_path / "model.gguf")
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="unknown checkpoint type '.onnx'"):
+        WanModel.from_pretrained(tmp_path / "model.onnx")
 
 
 def test_unusable_config_json(tmp_path, model):
