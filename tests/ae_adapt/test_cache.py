@@ -37,6 +37,46 @@ def test_cache_round_trip_in_shards(clip_world, tmp_path):
         cache[5]
 
 
+def test_an_interrupted_build_resumes_without_encoding_the_cached_clips_again(clip_world, tmp_path):
+    """Interrupted at clip 5 of 7 (shards of 2): the rerun encodes only clips 4-6 and the cache
+    equals one built without interruption; with other inputs it starts over."""
+    clips = [clip_world.clip(s) for s in range(7)]
+    encoded = []
+
+    def base_encode(video):
+        encoded.append(video)
+        if interrupt and len(encoded) == 6:
+            raise KeyboardInterrupt
+        return clip_world.base_encode(video)
+
+    def text(prompt):
+        return torch.full((2 + len(prompt) % 3, clip_world.TEXT_DIM), float(len(prompt)))
+
+    args = {"base_encode": base_encode, "new_encode": clip_world.new_encode, "text_encode": text,
+            "base_ae": "toy-f2c4", "new_ae": "toy-f8c8", "shard_size": 2, "inputs": {"data": "seven clips"}}
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(iter(clips), tmp_path / "c", **args)
+    assert (tmp_path / "c" / "partial.json").is_file() and not (tmp_path / "c" / "index.json").exists()
+    interrupt, encoded[:] = False, []
+    with pytest.warns(UserWarning, match="4 clips in 2 shards are already cached"):
+        build_cache(iter(clips), tmp_path / "c", **args)
+    assert len(encoded) == 3 and not (tmp_path / "c" / "partial.json").exists()
+    build_cache(iter(clips), tmp_path / "ref", **args)
+    resumed, ref = LatentCache(tmp_path / "c"), LatentCache(tmp_path / "ref")
+    assert len(resumed) == len(ref) == 7 and resumed.index["text_len"] == ref.index["text_len"]
+    for i in range(7):
+        for field in ("base", "new", "context"):
+            assert torch.equal(resumed[i][field], ref[i][field]), (i, field)
+    # a partial build of other inputs is not resumed
+    interrupt, encoded[:] = True, []
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(iter(clips), tmp_path / "d", **args)
+    interrupt, encoded[:] = False, []
+    build_cache(iter(clips), tmp_path / "d", **{**args, "inputs": {"data": "other clips"}})
+    assert len(encoded) == 7
+
+
 def test_extra_fields_are_cached(clip_world, tmp_path):
     _build(clip_world, tmp_path, n=2, extra=lambda c: {"new_y": torch.full((4, 2, 4, 4), float(c["seed"]))})
     assert torch.equal(LatentCache(tmp_path)[1]["new_y"], torch.ones(4, 2, 4, 4))

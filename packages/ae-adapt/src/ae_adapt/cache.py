@@ -11,8 +11,10 @@ DC-Gen's text dropout (`LatentCache.null_cond()`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from ae_adapt.trainer import describe_changes
 FORMAT = "ae-adapt-latent-cache/1"
 INDEX = "index.json"
 NULL = "null.safetensors"
+PARTIAL = "partial.json"  # an unfinished build's shards, so that a rerun resumes it
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -57,12 +60,25 @@ def build_cache(
     clip size, frame count, a digest of the data list) is stored in the index and in the
     fingerprint, so that `cache_input_changes` can tell a rerun with other inputs, and a stage
     trained on this cache refuses to resume on another one. Files are written atomically with
-    ordinary permissions; `index.json` comes last."""
+    ordinary permissions; `index.json` comes last.
+
+    Resumable: after each shard, `partial.json` records the shards written so far. A build that
+    was interrupted resumes from it when called again with the same autoencoders, text encoder,
+    `inputs`, `shard_size` and `dtype`: the clips already cached are drawn from `clips` and
+    skipped, not encoded again (the source must give the clips in the same order). Without
+    `inputs` a build always starts over (nothing would tell it the data is the same)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "base_ae": base_ae, "new_ae": new_ae, "text_encoder": text_encoder}
     inputs = json.loads(json.dumps(inputs)) if inputs is not None else None
     shards, pending, shapes, count, text_len = [], {}, {}, 0, 0
+    build_key = {"meta": meta, "inputs": inputs, "shard_size": shard_size, "dtype": str(dtype)}
+    done = _partial_build(out, build_key) if inputs is not None else None
+    if done is not None:
+        shards, shapes, count, text_len = done["shards"], done["shapes"], done["count"], done["text_len"]
+        clips = itertools.islice(clips, count, None)  # drawn (cheap: decoding), not encoded again
+        warnings.warn(f"resuming the latent cache in {out}: {count} clips in {len(shards)} shards are already "
+                      "cached", stacklevel=2)
     null = None
     if null_prompt is not None:
         with torch.no_grad():
@@ -75,6 +91,9 @@ def build_cache(
             save_safetensors(pending, out / name, metadata={k: str(v) for k, v in meta.items()})
             shards.append({"file": name, "count": len({k.split(".")[0] for k in pending})})
             pending.clear()
+            if inputs is not None:
+                write_text(out / PARTIAL, json.dumps({**build_key, "shards": shards, "shapes": shapes, "count": count,
+                                                      "text_len": text_len}, indent=2))
 
     with torch.no_grad():
         for clip in clips:
@@ -114,7 +133,21 @@ def build_cache(
         save_safetensors({"context": null}, out / NULL, metadata={k: str(v) for k, v in meta.items()})
         index["null"] = {"file": NULL, "prompt": null_prompt}
     write_text(out / INDEX, json.dumps(index, indent=2))
+    (out / PARTIAL).unlink(missing_ok=True)
     return out
+
+
+def _partial_build(out: Path, build_key: dict[str, Any]) -> dict[str, Any] | None:
+    """The state of an interrupted build of the same cache, when its shards are all there."""
+    try:
+        state = json.loads((out / PARTIAL).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if any(state.get(k) != v for k, v in build_key.items()):
+        return None
+    if not all((out / shard["file"]).is_file() for shard in state.get("shards", [])):
+        return None
+    return state
 
 
 def module_digest(module: torch.nn.Module, config: Any = None, *, sample: int = 16384) -> str:

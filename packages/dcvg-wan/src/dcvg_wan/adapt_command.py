@@ -6,7 +6,8 @@
 1. Builds the paired-latent cache once (`OUT/cache`): every clip is encoded by the Wan VAE (the
    base model's latent space), by DC-AE-V (the new one) and by umT5; for I2V also the first
    frame's conditioning in both spaces and its CLIP features; and once the null prompt (the
-   negative prompt DC-Gen trains 10% of the samples on). Then the encoders are freed.
+   negative prompt DC-Gen trains 10% of the samples on). Then the encoders are freed. An
+   interrupted build resumes at its last written shard when the command is run again.
 2. Runs the three stages of `ae_adapt` (embedder alignment, head alignment, LoRA) with the Table 8
    preset, resumable: run the same command again after an interruption.
 3. Writes `OUT/model` (loads with `dcvg-wan generate --ae dcae-v --ckpt_dir ...` once the
