@@ -102,10 +102,18 @@ def test_scaled_fp8_dit_loads_to_the_closed_form(tmp_path, model, form, prefix):
 def test_default_dtype_is_bf16_and_fp32_keeps_the_exact_product(tmp_path, model):
     sd = model.state_dict()
     q, scales = _quantize(sd, per_row=True)  # one scale per output row
-    save_file(_legacy_file(sd, q, scales), tmp_path / "w.safetensors")
+    stored = _legacy_file(sd, q, scales)
+    stored = {k: v.half() if v.dtype == torch.float32 and k not in [f"{n}.scale_weight" for n in scales] else v
+              for k, v in stored.items()}  # ComfyUI keeps what it does not quantize in fp16
+    save_file(stored, tmp_path / "w.safetensors")
     as_stored = WanModel.from_pretrained(tmp_path / "w.safetensors")
     key = "blocks.0.self_attn.q.weight"
     assert as_stored.state_dict()[key].dtype == torch.bfloat16
+    # one compute dtype: the fp16 rest follows the dequantized weights (the fp32 parts stay fp32)
+    from dcvg_wan.model import keeps_fp32
+
+    for k, v in as_stored.state_dict().items():
+        assert v.dtype == (torch.float32 if keeps_fp32(k) else torch.bfloat16), k
     fp32 = WanModel.from_pretrained(tmp_path / "w.safetensors", dtype=torch.float32)
     assert torch.equal(fp32.state_dict()[key], _expected(sd, q, scales, torch.float32)[key])
     # fp8 weights approximate the originals: the DiT's output stays close
@@ -174,6 +182,8 @@ def test_scaled_fp8_umt5_file_loads(tmp_path):
     got = loaded.state_dict()
     for k, v in expected.items():
         assert torch.equal(got[k], v), k
+    default = load_text_model(tmp_path / "umt5_fp8_scaled.safetensors")  # no dtype: bf16 throughout
+    assert {p.dtype for p in default.parameters()} == {torch.bfloat16}
 
 
 def test_gguf_files_are_refused_with_the_alternative(tmp_path):

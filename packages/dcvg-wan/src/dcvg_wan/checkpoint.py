@@ -39,7 +39,7 @@ from dcvg_wan.config_json import (
 from dcvg_wan.errors import CheckpointError, InputError
 from dcvg_wan.layouts import detect_layout, from_official, to_official
 from dcvg_wan.model import WanModel, keeps_fp32
-from dcvg_wan.quantized import dequantize
+from dcvg_wan.quantized import DEFAULT_DTYPE, dequantize, file_is_quantized
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -57,12 +57,17 @@ def load_wan(
     """Load a Wan DiT (see the module docstring for what `path` may be).
 
     preset: architecture to expect (e.g. "t2v-14B"); by default from config.json or the shapes.
-    dtype: cast while loading, keeping the fp32 parts in fp32 (default: as stored).
+    dtype: cast while loading, keeping the fp32 parts in fp32 (default: as stored; an fp8 file:
+    bfloat16).
     The loaded model's `preset_names` lists the presets its architecture matches.
     """
     path = Path(path)
     files, config_fields = _locate(path)
     layout = detect_layout(_keys(files))
+    if dtype is None and any(file_is_quantized(f) for f in files):
+        # fp8 weights become bf16; the file's other tensors (often fp16) follow, so that the model
+        # has one compute dtype (the fp32 parts stay fp32)
+        dtype = DEFAULT_DTYPE
     sd = {}
     for file in files:  # one shard at a time: renamed and cast before the next is read
         sd.update(_cast(to_official(read_weight_file(file, dtype), layout), dtype))

@@ -15,6 +15,7 @@ import torch
 from dcae_v.checkpoint import key_mismatch_lines
 from dcvg_wan.checkpoint import index_shards, read_weight_file
 from dcvg_wan.errors import CheckpointError
+from dcvg_wan.quantized import DEFAULT_DTYPE, file_is_quantized
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -38,7 +39,11 @@ def is_hf_directory(directory: Path) -> bool:
 
 
 def read_weights(files: Iterable[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of `files`, floating ones cast to `dtype` file by file (peak memory: one shard)."""
+    """All tensors of `files`, floating ones cast to `dtype` file by file (peak memory: one shard).
+    Without `dtype`, an fp8 file loads in bf16 throughout (its dequantized weights' dtype)."""
+    files = [Path(f) for f in files]
+    if dtype is None and any(file_is_quantized(f) for f in files):
+        dtype = DEFAULT_DTYPE
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(cast(read_weight_file(Path(f), dtype), dtype))

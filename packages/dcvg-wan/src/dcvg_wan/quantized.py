@@ -19,7 +19,9 @@ bytes.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +48,19 @@ def is_quantized(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
         return True
     return any(_is_marker(k) or k.endswith(_WEIGHT_SCALES + _INPUT_SCALES + (_CONFIG_SUFFIX,))
                or v.dtype in FP8_DTYPES for k, v in sd.items())
+
+
+def file_is_quantized(path: str | os.PathLike) -> bool:
+    """Whether a safetensors file holds fp8 weights or quantization keys, from its header only."""
+    from safetensors import safe_open
+
+    if Path(path).suffix != ".safetensors":
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        if METADATA_KEY in (f.metadata() or {}):
+            return True
+        return any(_is_marker(k) or k.endswith(_WEIGHT_SCALES + (_CONFIG_SUFFIX,))
+                   or f.get_slice(k).get_dtype().startswith("F8") for k in f.keys())  # noqa: SIM118
 
 
 def dequantize(
@@ -144,4 +159,4 @@ def _scaled(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
     )
 
 
-__all__ = ["FP8_DTYPES", "dequantize", "is_quantized"]
+__all__ = ["FP8_DTYPES", "dequantize", "file_is_quantized", "is_quantized"]
