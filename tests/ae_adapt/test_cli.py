@@ -26,6 +26,13 @@ def test_unknown_preset_is_exit_code_2(capsys):
     assert "valid presets" in capsys.readouterr().err
 
 
+def test_an_unknown_option_gets_its_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export-lora", "adapter", "-o", "x.safetensors", "--formt", "comfy"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: ae-adapt export-lora") and "--formt" in err
+
+
 def test_cache_info(clip_world, tmp_path, capsys):
     build_cache(
         [clip_world.clip(0)],
