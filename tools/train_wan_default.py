@@ -30,7 +30,6 @@ tower is a frozen, seeded random init, as the umT5 (a real CLIP ViT-H is 0.6 B p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -124,8 +123,7 @@ def encode_i2v(args) -> None:
     from dcvg_wan.latent_spaces import DCAEVSpace
 
     torch.set_num_threads(args.threads)
-    with safe_open_metadata(RUN / "latents.safetensors") as meta:
-        clips = len(json.loads(meta["captions"]))
+    clips = len(latent_captions())
     ae = DCAEV.from_pretrained(ASSET / "autoencoder", dtype=torch.float32).eval()  # the T2V demo's latents
     space = DCAEVSpace(ae, (1, 1, 1))
     torch.manual_seed(0)
@@ -148,12 +146,12 @@ def encode_i2v(args) -> None:
     print(f"wrote {RUN / 'i2v_condition.safetensors'} in {time.time() - start:.0f} s")
 
 
-@contextlib.contextmanager
-def safe_open_metadata(path: Path):
+def latent_captions() -> list[str]:
+    """The captions of the cached clips (runs/wan_default/latents.safetensors' metadata)."""
     from safetensors import safe_open
 
-    with safe_open(path, "pt") as f:
-        yield f.metadata()
+    with safe_open(RUN / "latents.safetensors", "pt") as f:
+        return json.loads(f.metadata()["captions"])
 
 
 def i2v_from_t2v(t2v, image_dim: int):
@@ -187,10 +185,7 @@ def train(args) -> None:
     out = RUN / ("i2v_transformer" if i2v else "transformer")
     summary_file = RUN / ("i2v_train_summary.json" if i2v else "train_summary.json")
     data = load_file(RUN / "latents.safetensors")
-    from safetensors import safe_open
-
-    with safe_open(RUN / "latents.safetensors", "pt") as f:
-        captions = json.loads(f.metadata()["captions"])
+    captions = latent_captions()
     z = data["latents"].float()
     print(f"{len(captions)} clips, latent {tuple(z.shape[1:])}, std {z.std():.3f}")
 

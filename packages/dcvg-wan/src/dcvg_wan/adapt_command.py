@@ -78,8 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="preset overrides, e.g. embedder.steps=100 lora_rank=64")
 
 
-def iter_clips(data: str | os.PathLike, *, frames: int, width: int, height: int) -> Iterator[dict]:
-    """{"video": [3, frames, height, width] in [-1, 1], "prompt": str, "name": str} per listed video.
+def iter_clips(data: str | os.PathLike | list[tuple[Path, str]], *, frames: int, width: int,
+               height: int) -> Iterator[dict]:
+    """{"video": [3, frames, height, width] in [-1, 1], "prompt": str, "name": str} per video of
+    `data` (a --data path, or what `list_videos` made of it).
 
     A video that cannot be read or is shorter than `frames` is skipped with a warning naming it
     (as `dcae-v train` skips bad files), so one bad file does not end hours of encoding; when
@@ -89,7 +91,7 @@ def iter_clips(data: str | os.PathLike, *, frames: int, width: int, height: int)
 
     skipped: list[str] = []
     used = 0
-    for path, prompt in list_videos(data):
+    for path, prompt in list_videos(data) if isinstance(data, str | os.PathLike) else data:
         try:
             video = read_video(path, max_frames=frames)
         except DCAEVError as err:
@@ -192,15 +194,15 @@ def _apply_overrides(preset_name: str, overrides: dict) -> dict:
 STAGE_SECTIONS = {"align_embedder": "embedder", "align_head": "head"}
 
 
-def data_digest(data: str | os.PathLike) -> dict:
-    """{"videos": count, "digest": ...} of the data list: each video's path (relative to the data
-    folder or list), file size and prompt. Not the video bytes (hours of reading on a big set):
-    an edited video that keeps its name and size goes unnoticed."""
+def data_digest(data: str | os.PathLike, videos: list[tuple[Path, str]]) -> dict:
+    """{"videos": count, "digest": ...} of the data list (`list_videos(data)`): each video's path
+    (relative to the data folder or list), file size and prompt. Not the video bytes (hours of
+    reading on a big set): an edited video that keeps its name and size goes unnoticed."""
     import hashlib
 
     root = Path(data) if Path(data).is_dir() else Path(data).parent
     rows = []
-    for path, prompt in list_videos(data):
+    for path, prompt in videos:
         size = path.stat().st_size if path.is_file() else None
         rows.append([os.path.relpath(path, root), size, prompt])
     return {"videos": len(rows), "digest": hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]}
@@ -278,7 +280,9 @@ def run(args: argparse.Namespace, log=print):
     dcae_name = f"dcae-v:{dcae.config.latent_channels}c:sha256-{digest[:16]}"
     out = Path(args.out)
     cache_dir = out / "cache"
-    inputs = {"size": f"{width}*{height}", "frame_num": args.frame_num, "task": task, "data": data_digest(args.data)}
+    videos = list_videos(args.data)  # listed once: the digest, the progress bar and the cache build
+    inputs = {"size": f"{width}*{height}", "frame_num": args.frame_num, "task": task,
+              "data": data_digest(args.data, videos)}
     if (cache_dir / "index.json").is_file():
         check_cache_inputs(cache_dir, out, inputs, dcae_name)
     else:
@@ -304,8 +308,8 @@ def run(args: argparse.Namespace, log=print):
                     "clip_fea": image_encoder.encode(first)[0]}
 
         build_cache(
-            _with_progress(iter_clips(args.data, frames=args.frame_num, width=width, height=height),
-                           total=len(list_videos(args.data)), desc="caching latents"),
+            _with_progress(iter_clips(videos, frames=args.frame_num, width=width, height=height),
+                           total=len(videos), desc="caching latents"),
             cache_dir,
             base_encode=lambda v: base.encode(to(v))[0],
             new_encode=lambda v: new.encode(to(v[:, : args.frame_num - 1]))[0],

@@ -39,7 +39,7 @@ from dcvg_wan.config_json import (
 from dcvg_wan.errors import CheckpointError, InputError
 from dcvg_wan.layouts import detect_layout, from_official, to_official
 from dcvg_wan.model import WanModel, keeps_fp32
-from dcvg_wan.quantized import DEFAULT_DTYPE, dequantize, file_is_quantized
+from dcvg_wan.quantized import dequantize, load_dtype
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -64,10 +64,7 @@ def load_wan(
     path = Path(path)
     files, config_fields = _locate(path)
     layout = detect_layout(_keys(files))
-    if dtype is None and any(file_is_quantized(f) for f in files):
-        # fp8 weights become bf16; the file's other tensors (often fp16) follow, so that the model
-        # has one compute dtype (the fp32 parts stay fp32)
-        dtype = DEFAULT_DTYPE
+    dtype = load_dtype(files, dtype)  # an fp8 file: bf16 throughout (the fp32 parts stay fp32)
     sd = {}
     for file in files:  # one shard at a time: renamed and cast before the next is read
         sd.update(_cast(to_official(read_weight_file(file, dtype), layout), dtype))

@@ -15,7 +15,7 @@ import torch
 from dcae_v.checkpoint import key_mismatch_lines
 from dcvg_wan.checkpoint import index_shards, read_weight_file
 from dcvg_wan.errors import CheckpointError
-from dcvg_wan.quantized import DEFAULT_DTYPE, file_is_quantized
+from dcvg_wan.quantized import load_dtype
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -42,11 +42,10 @@ def read_weights(files: Iterable[Path], dtype: torch.dtype | None = None) -> dic
     """All tensors of `files`, floating ones cast to `dtype` file by file (peak memory: one shard).
     Without `dtype`, an fp8 file loads in bf16 throughout (its dequantized weights' dtype)."""
     files = [Path(f) for f in files]
-    if dtype is None and any(file_is_quantized(f) for f in files):
-        dtype = DEFAULT_DTYPE
+    dtype = load_dtype(files, dtype)
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        sd.update(cast(read_weight_file(Path(f), dtype), dtype))
+        sd.update(cast(read_weight_file(f, dtype), dtype))
     return sd
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,15 @@ _INPUT_SCALES = (".input_scale", ".scale_input")
 _CONFIG_SUFFIX = ".comfy_quant"
 
 
+def _is_quantization_key(key: str) -> bool:
+    return _is_marker(key) or key.endswith(_WEIGHT_SCALES + _INPUT_SCALES + (_CONFIG_SUFFIX,))
+
+
 def is_quantized(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bool:
     """Whether `sd` holds fp8 weights or any of the quantization keys above."""
     if metadata and METADATA_KEY in metadata:
         return True
-    return any(_is_marker(k) or k.endswith(_WEIGHT_SCALES + _INPUT_SCALES + (_CONFIG_SUFFIX,))
-               or v.dtype in FP8_DTYPES for k, v in sd.items())
+    return any(_is_quantization_key(k) or v.dtype in FP8_DTYPES for k, v in sd.items())
 
 
 def file_is_quantized(path: str | os.PathLike) -> bool:
@@ -59,8 +62,17 @@ def file_is_quantized(path: str | os.PathLike) -> bool:
     with safe_open(str(path), framework="pt") as f:
         if METADATA_KEY in (f.metadata() or {}):
             return True
-        return any(_is_marker(k) or k.endswith(_WEIGHT_SCALES + (_CONFIG_SUFFIX,))
-                   or f.get_slice(k).get_dtype().startswith("F8") for k in f.keys())  # noqa: SIM118
+        return any(_is_quantization_key(k) or f.get_slice(k).get_dtype().startswith("F8")
+                   for k in f.keys())  # noqa: SIM118
+
+
+def load_dtype(files: Sequence[str | os.PathLike], dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype to load `files` in: `dtype`, else bf16 for fp8 files (the file's other tensors,
+    often fp16, follow the dequantized weights, so the model has one compute dtype), else None
+    (as stored)."""
+    if dtype is None and any(file_is_quantized(f) for f in files):
+        return DEFAULT_DTYPE
+    return dtype
 
 
 def dequantize(
@@ -159,4 +171,4 @@ def _scaled(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
     )
 
 
-__all__ = ["FP8_DTYPES", "dequantize", "file_is_quantized", "is_quantized"]
+__all__ = ["FP8_DTYPES", "dequantize", "file_is_quantized", "is_quantized", "load_dtype"]

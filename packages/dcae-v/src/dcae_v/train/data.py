@@ -68,14 +68,16 @@ def _read_list_file(path: Path) -> list[Path]:
                 f"{', '.join(sorted(MEDIA_SUFFIXES))}; a list file has one video or image path per line ('#' comments)"
             )
     files = [p if p.is_absolute() else path.parent / p for p in (Path(ln) for _, ln in entries)]
-    missing = [p for p in files if not p.is_file()]
+    present = [p for p in files if p.is_file()]  # one stat per listed file (lists can be long)
+    found = set(present)
+    missing = [p for p in files if p not in found]
     if missing and len(missing) == len(files):
         raise ConfigError(f"none of the {len(files)} files listed in {path} exists (e.g. {missing[0]}); "
                           f"relative paths are taken from the list file's folder {path.parent}")
     if missing:
         shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         log.warning("%d of %d files listed in %s do not exist and are left out: %s", len(missing), len(files), path, shown)
-    return [p for p in files if p.is_file()]
+    return present
 
 
 def is_image(path: Path) -> bool:
